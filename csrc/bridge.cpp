@@ -1,0 +1,130 @@
+// gradbridge::bridge(t): a zero-copy alias of t that autograd never connects to t.
+
+#include "bridge.h"
+
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <torch/library.h>
+
+namespace gradbridge {
+namespace {
+
+// NOTE [What bridge shares]
+// bridge(t) is what `t.data` gives, made an operator. The result shares t's
+// StorageImpl: its data, and also its buffer if either side grows the storage
+// (resize_ past the end reallocates the one StorageImpl both point to, as with
+// detach() or the zeros_like + set_ trick). It starts with t's sizes, strides,
+// storage offset, dtype, device and conj/neg bits, and owns the rest:
+//   - its TensorImpl, so resize_, set_, as_strided_, unsqueeze_ ... change the
+//     result and never t;
+//   - its version counter (detach() shares t's): an in-place op on one side
+//     does not bump the other's _version. Inference tensors keep none at all;
+//   - no autograd meta: a leaf that does not require grad and is no view, so a
+//     loss computed through it sends no gradient to t.
+// shallow_copy_and_detach is virtual, so a TensorImpl subclass copies itself.
+at::Tensor bridge_alias(const at::Tensor& t) {
+  auto version = t.is_inference() ? c10::VariableVersion()
+                                  : c10::VariableVersion(/*version=*/0);
+  auto impl = t.unsafeGetTensorImpl()->shallow_copy_and_detach(
+      std::move(version), /*allow_tensor_metadata_change=*/true);
+  return at::Tensor(std::move(impl));
+}
+
+// How Python spells a layout, for error messages.
+const char* layout_name(at::Layout layout) {
+  switch (layout) {
+    case at::kSparse: return "torch.sparse_coo";
+    case at::kSparseCsr: return "torch.sparse_csr";
+    case at::kSparseCsc: return "torch.sparse_csc";
+    case at::kSparseBsr: return "torch.sparse_bsr";
+    case at::kSparseBsc: return "torch.sparse_bsc";
+    case at::kMkldnn: return "torch._mkldnn";
+    case at::kJagged: return "torch.jagged";
+    default: return "other than torch.strided";
+  }
+}
+
+// Sparse, nested, quantized and mkldnn tensors have no one strided storage for
+// an alias to share; say so by name rather than failing somewhere deeper.
+void check_strided(const at::Tensor& t) {
+  if (t.layout() == at::kStrided && !t.is_nested() && !t.is_quantized()) {
+    return;
+  }
+  std::string given = t.is_nested() ? "a nested tensor"
+      : t.is_quantized()            ? "a quantized tensor"
+                                    : std::string("a tensor with layout ") +
+          layout_name(t.layout());
+  TORCH_CHECK_NOT_IMPLEMENTED(
+      false,
+      "gradbridge::bridge(t): t must be a dense strided tensor, so that there "
+      "is one storage to alias; got ", given, ". Use t.detach() for it.");
+}
+
+// Backends without a bridge_alias registration land here: the layouts above
+// when called as torch.ops.gradbridge.bridge, and strided tensors on devices we
+// have not tested.
+at::Tensor bridge_unsupported(const at::Tensor& t) {
+  check_strided(t);
+  TORCH_CHECK_NOT_IMPLEMENTED(
+      false,
+      "gradbridge::bridge(t): kernels exist for CPU, CUDA and meta tensors; "
+      "got a tensor on device '", t.device(), "'.");
+}
+
+const c10::TypedOperatorHandle<at::Tensor(const at::Tensor&)>& bridge_op() {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("gradbridge::bridge", "")
+          .typed<at::Tensor(const at::Tensor&)>();
+  return op;
+}
+
+// NB: a cut edge records nothing. The result is a fresh leaf that does not
+// require grad, so there is no node to build and nothing to save: autograd
+// only steps aside for the backend kernel.
+at::Tensor bridge_autograd(c10::DispatchKeySet ks, const at::Tensor& t) {
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return bridge_op().redispatch(ks & c10::after_ADInplaceOrView_keyset, t);
+}
+
+} // namespace
+
+at::Tensor bridge(const at::Tensor& t) {
+  // Checked before dispatch too, so that tensor subclasses which answer ops in
+  // Python (jagged nested tensors) are refused with the same message.
+  check_strided(t);
+  return bridge_op().call(t);
+}
+
+// The schema marks the result as an alias of t, as detach's does; unlike
+// detach, no ADInplaceOrView kernel makes it an autograd view.
+TORCH_LIBRARY(gradbridge, m) {
+  m.def("bridge(Tensor(a) t) -> Tensor(a)");
+}
+
+// The kernel moves no data, so one device-generic function serves every
+// backend it is registered for; Meta gives shape-only tracing.
+TORCH_LIBRARY_IMPL(gradbridge, CPU, m) {
+  m.impl("bridge", &bridge_alias);
+}
+TORCH_LIBRARY_IMPL(gradbridge, CUDA, m) {
+  m.impl("bridge", &bridge_alias);
+}
+TORCH_LIBRARY_IMPL(gradbridge, Meta, m) {
+  m.impl("bridge", &bridge_alias);
+}
+TORCH_LIBRARY_IMPL(gradbridge, CompositeExplicitAutograd, m) {
+  m.impl("bridge", &bridge_unsupported);
+}
+// Nested tensors are not covered by CompositeExplicitAutograd.
+TORCH_LIBRARY_IMPL(gradbridge, NestedTensorCPU, m) {
+  m.impl("bridge", &bridge_unsupported);
+}
+TORCH_LIBRARY_IMPL(gradbridge, NestedTensorCUDA, m) {
+  m.impl("bridge", &bridge_unsupported);
+}
+TORCH_LIBRARY_IMPL(gradbridge, Autograd, m) {
+  m.impl("bridge", &bridge_autograd);
+}
+
+} // namespace gradbridge

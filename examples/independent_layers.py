@@ -1,0 +1,112 @@
+"""Seed experiment: three linear layers A -> B -> C, where C learns from B's output.
+
+With no cut, C's loss also trains A and B. Cutting the graph between B and C with
+``b.detach()``, the ``zeros_like`` + ``set_`` trick or ``gradbridge_ext.bridge(b)``
+gives bitwise-identical results: C's loss then trains only C, B's loss only A and B.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import gradbridge_ext
+
+SEED = 1000
+MODES = {0: "loss on B only", 1: "loss on C only", 2: "loss on B + loss on C"}
+
+
+def _set_cut(b: Tensor) -> Tensor:
+    # The two-step trick people use today: a fresh tensor re-pointed at b's storage.
+    with torch.no_grad():
+        br = torch.zeros_like(b)
+        br.set_(b)
+    return br
+
+
+CUTS: dict[str, Callable[[Tensor], Tensor]] = {
+    "none": lambda b: b,
+    "detach": Tensor.detach,
+    "set_": _set_cut,
+    "bridge": gradbridge_ext.bridge,
+}
+
+
+def _build() -> tuple[tuple[nn.Linear, nn.Linear, nn.Linear], Tensor]:
+    # Seeding right before construction gives every run the same weights and input.
+    random.seed(SEED)
+    np.random.seed(SEED)
+    torch.manual_seed(SEED)
+    layers = (nn.Linear(2, 2), nn.Linear(2, 2), nn.Linear(2, 2))
+    return layers, torch.randn(2)
+
+
+def _state(layers: tuple[nn.Linear, ...]) -> dict[str, Tensor]:
+    return {
+        f"{name}.{pname}": p.detach().clone()
+        for name, layer in zip("ABC", layers)
+        for pname, p in layer.named_parameters()
+    }
+
+
+def initial_state() -> dict[str, Tensor]:
+    """Parameters of A, B, C before any step."""
+    layers, _ = _build()
+    return _state(layers)
+
+
+def run(cut: str, mode: int) -> dict[str, Tensor]:
+    """Take one SGD step with the given cut ("none", "detach", "set_", "bridge")
+    and mode (0: loss on B, 1: loss on C, 2: both); return the parameters after it."""
+    (A, B, C), x = _build()
+    opt = torch.optim.SGD(
+        [p for layer in (A, B, C) for p in layer.parameters()], lr=1e-2, momentum=0.9
+    )
+    b = B(A(x))
+    c = C(CUTS[cut](b))
+    loss_b = F.mse_loss(b, torch.zeros_like(b))
+    loss_c = F.mse_loss(c, torch.ones_like(c))
+    loss = (loss_b, loss_c, loss_b + loss_c)[mode]
+    opt.zero_grad()
+    loss.backward()
+    # SGD skips parameters whose .grad is None, so layers the loss never reached
+    # stay bitwise unchanged.
+    opt.step()
+    return _state((A, B, C))
+
+
+def _rows(state: dict[str, Tensor]) -> list[str]:
+    """Two text lines, one per output unit: `w0 w1 | bias` for A, B, C side by side."""
+    return [
+        "   ".join(
+            f"{state[f'{n}.weight'][i, 0]:8.4f}{state[f'{n}.weight'][i, 1]:8.4f} |"
+            f"{state[f'{n}.bias'][i]:8.4f}"
+            for n in "ABC"
+        )
+        for i in range(2)
+    ]
+
+
+def _table(title: str, states: dict[str, dict[str, Tensor]]) -> str:
+    header = "   ".join(f"{n + ' (weight | bias)':^26}" for n in "ABC")
+    lines = [title, f"{'':8}{header}".rstrip()]
+    for label, state in states.items():
+        first, second = _rows(state)
+        lines += [f"{label:8}{first}", f"{'':8}{second}"]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    print(_table("initial", {"": initial_state()}))
+    for mode, description in MODES.items():
+        print()
+        print(_table(f"mode {mode}: {description}", {cut: run(cut, mode) for cut in CUTS}))
+
+
+if __name__ == "__main__":
+    main()
