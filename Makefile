@@ -1,0 +1,17 @@
+# Each target does its own set-up, so one command works on a fresh machine.
+PYTHON ?= python3
+
+.PHONY: setup test example
+
+# torch: the one already installed, else the 2.13.0 CPU build (a looser spec
+# would pull a multi-GB CUDA build). The operator is compiled against it.
+setup:
+	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install torch==2.13.0
+	$(PYTHON) -m pip install "setuptools>=70.1" ninja pytest numpy
+	$(PYTHON) -m pip install --no-build-isolation -e .
+
+test: setup
+	$(PYTHON) -m pytest
+
+example: setup
+	$(PYTHON) examples/independent_layers.py

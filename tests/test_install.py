@@ -1,0 +1,127 @@
+"""The install paths: never load a binary built for another torch, compile when needed, fail clearly.
+
+These run real pip installs and a real compile (about a minute on two cores).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+import pytest
+import torch
+
+import gradbridge_ext
+from gradbridge_ext import _extension
+
+REPO = Path(__file__).resolve().parent.parent
+PROBE = (
+    "import torch, gradbridge_ext as gb; "
+    "t = torch.arange(3.0, requires_grad=True) * 2; r = gb.bridge(t); "
+    "assert r.data_ptr() == t.data_ptr() and not r.requires_grad; "
+    "print(gb.__file__); print(gb._C.__file__)"
+)
+
+
+def run_probe(
+    python: str | Path, cwd: Path, cache: Path, pythonpath: Path | None = None, **env_vars: str
+) -> subprocess.CompletedProcess:
+    """Import gradbridge_ext in a fresh interpreter; print where the package and _C came from."""
+    env = {**os.environ, _extension.CACHE_ENV: str(cache), **env_vars}
+    env.pop("PYTHONPATH", None)
+    if pythonpath is not None:
+        env["PYTHONPATH"] = str(pythonpath)
+    return subprocess.run([str(python), "-c", PROBE], cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+
+
+def test_this_checkout_loads_the_binary_built_for_this_torch() -> None:
+    if not _extension.TORCH_VERSION_FILE.exists():
+        pytest.skip("gradbridge_ext was not compiled at install time here")
+    assert _extension.TORCH_VERSION_FILE.read_text() == torch.__version__
+    assert Path(gradbridge_ext._C.__file__).parent == _extension.PACKAGE_DIR
+
+
+@pytest.fixture(scope="module")
+def plain_install(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """`pip install .` with pip's build isolation (no torch at build time) into a venv that sees this torch."""
+    root = tmp_path_factory.mktemp("plain_install")
+    venv.create(root / "venv", system_site_packages=True, with_pip=True)
+    python = root / "venv" / "bin" / "python"
+    subprocess.run(
+        [str(python), "-m", "pip", "install", "--quiet", "--no-deps", str(REPO)],
+        check=True, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    return python, root
+
+
+@pytest.fixture(scope="module")
+def first_import(plain_install: tuple[Path, Path]) -> tuple[subprocess.CompletedProcess, Path]:
+    python, root = plain_install
+    cache = root / "cache"
+    return run_probe(python, cwd=root, cache=cache), cache
+
+
+def test_plain_pip_install_compiles_on_first_import(plain_install, first_import) -> None:
+    python, root = plain_install
+    result, cache = first_import
+    assert result.returncode == 0, result.stderr
+    package_file, extension_file = result.stdout.split()
+    assert Path(package_file).is_relative_to(root / "venv")
+    assert Path(extension_file).is_relative_to(cache)
+    assert f"compiling it for torch {torch.__version__}" in result.stderr
+
+
+def test_second_import_uses_the_cache_silently(plain_install, first_import) -> None:
+    python, root = plain_install
+    _, cache = first_import
+    result = run_probe(python, cwd=root, cache=cache)
+    assert result.returncode == 0, result.stderr
+    assert Path(result.stdout.split()[1]).is_relative_to(cache)
+    assert "compiling" not in result.stderr
+
+
+def package_copy(destination: Path, with_sources: bool) -> Path:
+    """A copy of the Python package, as an install would lay it out."""
+    package = destination / "gradbridge_ext"
+    shutil.copytree(_extension.PACKAGE_DIR, package, ignore=shutil.ignore_patterns("_C*", "__pycache__"))
+    if with_sources:
+        shutil.copytree(REPO / "csrc", package / "csrc")
+    return package
+
+
+def test_binary_built_for_another_torch_is_not_loaded(first_import, tmp_path: Path) -> None:
+    _, cache = first_import
+    compiled = next(cache.rglob("_C.so"))
+    package = package_copy(tmp_path, with_sources=True)
+    shutil.copy(compiled, package / "_C.so")
+
+    (package / "_C.torch_version").write_text(torch.__version__)
+    result = run_probe(sys.executable, cwd=tmp_path, cache=cache, pythonpath=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert Path(result.stdout.split()[1]).parent == package  # the control: a match loads it
+
+    (package / "_C.torch_version").write_text("0.0.1+another")
+    result = run_probe(sys.executable, cwd=tmp_path, cache=cache, pythonpath=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert Path(result.stdout.split()[1]).is_relative_to(cache)
+
+
+def test_no_binary_and_no_sources_fails_with_a_fix(tmp_path: Path) -> None:
+    package_copy(tmp_path, with_sources=False)
+    result = run_probe(sys.executable, cwd=tmp_path, cache=tmp_path / "cache", pythonpath=tmp_path)
+    assert result.returncode != 0
+    assert "ImportError: gradbridge_ext: the native operator was not compiled at install time" in result.stderr
+    assert "its C++ sources are not in" in result.stderr
+    assert "pip install --no-build-isolation" in result.stderr
+
+
+def test_failed_compile_fails_with_a_fix(tmp_path: Path) -> None:
+    package_copy(tmp_path, with_sources=True)
+    result = run_probe(sys.executable, cwd=tmp_path, cache=tmp_path / "cache", pythonpath=tmp_path, CXX="/bin/false")
+    assert result.returncode != 0
+    assert "compiling it failed" in result.stderr
+    assert "install a C++ compiler and ninja" in result.stderr
