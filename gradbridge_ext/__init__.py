@@ -55,8 +55,10 @@ if TYPE_CHECKING:
     def bridge(t: Tensor, /) -> Tensor: ...
 
 else:
-    # The public function is the C entry point itself: a Python wrapper would
-    # cost more than the alias (see csrc/python.cpp).
+    # NB: the default path calls the compiled op directly, not BridgeFunction:
+    # Function.apply alone costs several microseconds against detach()'s one,
+    # and a cut edge records nothing for it to keep. The public name is the C
+    # entry point itself, since even a Python wrapper costs more than the alias.
     bridge = _C.bridge
     if bridge.__doc__ is None:
         torch._C._add_docstr(bridge, _BRIDGE_DOC)

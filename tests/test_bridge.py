@@ -331,6 +331,16 @@ def test_meta_and_fake_tensors_trace_shapes() -> None:
     assert metadata(result) == metadata(fake)
 
 
+def test_opcheck_schema_autograd_and_fake_kernel() -> None:
+    # test_aot_dispatch_dynamic does not apply yet: functionalization refuses
+    # custom operators whose output aliases an input, which is bridge's contract.
+    t = torch.randn(3, 4, requires_grad=True) * 2
+    utils = ("test_schema", "test_autograd_registration", "test_faketensor")
+    assert torch.library.opcheck(torch.ops.gradbridge.bridge.default, (t,), test_utils=utils) == dict.fromkeys(
+        utils, "SUCCESS"
+    )
+
+
 def test_torchscript_calls_the_operator() -> None:
     @torch.jit.script
     def scripted(t: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,6 @@ import os
 import shutil
 import subprocess
 import sys
-import venv
 from pathlib import Path
 
 import pytest
@@ -46,41 +45,30 @@ def test_this_checkout_loads_the_binary_built_for_this_torch() -> None:
 
 
 @pytest.fixture(scope="module")
-def plain_install(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """`pip install .` with pip's build isolation (no torch at build time) into a venv that sees this torch."""
+def plain_install(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
+    """`pip install .` with pip's build isolation (no torch at build time), then a first import."""
     root = tmp_path_factory.mktemp("plain_install")
-    venv.create(root / "venv", system_site_packages=True, with_pip=True)
-    python = root / "venv" / "bin" / "python"
     subprocess.run(
-        [str(python), "-m", "pip", "install", "--quiet", "--no-deps", str(REPO)],
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(root / "site"), str(REPO)],
         check=True, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
-    return python, root
+    return root, run_probe(sys.executable, cwd=root, cache=root / "cache", pythonpath=root / "site")
 
 
-@pytest.fixture(scope="module")
-def first_import(plain_install: tuple[Path, Path]) -> tuple[subprocess.CompletedProcess, Path]:
-    python, root = plain_install
-    cache = root / "cache"
-    return run_probe(python, cwd=root, cache=cache), cache
-
-
-def test_plain_pip_install_compiles_on_first_import(plain_install, first_import) -> None:
-    python, root = plain_install
-    result, cache = first_import
+def test_plain_pip_install_compiles_on_first_import(plain_install) -> None:
+    root, result = plain_install
     assert result.returncode == 0, result.stderr
     package_file, extension_file = result.stdout.split()
-    assert Path(package_file).is_relative_to(root / "venv")
-    assert Path(extension_file).is_relative_to(cache)
+    assert Path(package_file).is_relative_to(root / "site")
+    assert Path(extension_file).is_relative_to(root / "cache")
     assert f"compiling it for torch {torch.__version__}" in result.stderr
 
 
-def test_second_import_uses_the_cache_silently(plain_install, first_import) -> None:
-    python, root = plain_install
-    _, cache = first_import
-    result = run_probe(python, cwd=root, cache=cache)
+def test_second_import_uses_the_cache_silently(plain_install) -> None:
+    root, _ = plain_install
+    result = run_probe(sys.executable, cwd=root, cache=root / "cache", pythonpath=root / "site")
     assert result.returncode == 0, result.stderr
-    assert Path(result.stdout.split()[1]).is_relative_to(cache)
+    assert Path(result.stdout.split()[1]).is_relative_to(root / "cache")
     assert "compiling" not in result.stderr
 
 
@@ -93,8 +81,8 @@ def package_copy(destination: Path, with_sources: bool) -> Path:
     return package
 
 
-def test_binary_built_for_another_torch_is_not_loaded(first_import, tmp_path: Path) -> None:
-    _, cache = first_import
+def test_binary_built_for_another_torch_is_not_loaded(plain_install, tmp_path: Path) -> None:
+    cache = plain_install[0] / "cache"
     compiled = next(cache.rglob("_C.so"))
     package = package_copy(tmp_path, with_sources=True)
     shutil.copy(compiled, package / "_C.so")
