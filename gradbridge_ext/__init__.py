@@ -26,8 +26,8 @@ Return an alias of ``t`` through which no gradient flows back to ``t``.
 
 The result shares ``t``'s storage (no copy, no allocation, no kernel launch) and
 starts with its sizes, strides, storage offset, dtype, device and conj/neg bits.
-It owns its metadata, so ``resize_``, ``set_``, ``as_strided_``, ``unsqueeze_``,
-``record_stream`` ... change it and never ``t``; and its own version counter, so
+It owns its metadata, so ``resize_``, ``set_``, ``as_strided_``, ``unsqueeze_``
+... change it and never ``t``; and its own version counter, so
 in-place ops on one do not bump the other's ``_version`` (``t.detach()`` shares
 ``t``'s). It is a leaf that does not require grad, not an autograd view: its
 backward is zero, so nothing computed from it sends gradient to ``t`` or to
