@@ -26,15 +26,13 @@ PROBE = (
 )
 
 
-def run_probe(
-    python: str | Path, cwd: Path, cache: Path, pythonpath: Path | None = None, **env_vars: str
-) -> subprocess.CompletedProcess:
+def run_probe(cwd: Path, cache: Path, pythonpath: Path | None = None, **env_vars: str) -> subprocess.CompletedProcess:
     """Import gradbridge_ext in a fresh interpreter; print where the package and _C came from."""
     env = {**os.environ, _extension.CACHE_ENV: str(cache), **env_vars}
     env.pop("PYTHONPATH", None)
     if pythonpath is not None:
         env["PYTHONPATH"] = str(pythonpath)
-    return subprocess.run([str(python), "-c", PROBE], cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    return subprocess.run([sys.executable, "-c", PROBE], cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
 
 
 def test_this_checkout_loads_the_binary_built_for_this_torch() -> None:
@@ -52,7 +50,7 @@ def plain_install(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subpr
         [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(root / "site"), str(REPO)],
         check=True, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
-    return root, run_probe(sys.executable, cwd=root, cache=root / "cache", pythonpath=root / "site")
+    return root, run_probe(cwd=root, cache=root / "cache", pythonpath=root / "site")
 
 
 def test_plain_pip_install_compiles_on_first_import(plain_install) -> None:
@@ -66,7 +64,7 @@ def test_plain_pip_install_compiles_on_first_import(plain_install) -> None:
 
 def test_second_import_uses_the_cache_silently(plain_install) -> None:
     root, _ = plain_install
-    result = run_probe(sys.executable, cwd=root, cache=root / "cache", pythonpath=root / "site")
+    result = run_probe(cwd=root, cache=root / "cache", pythonpath=root / "site")
     assert result.returncode == 0, result.stderr
     assert Path(result.stdout.split()[1]).is_relative_to(root / "cache")
     assert "compiling" not in result.stderr
@@ -88,19 +86,19 @@ def test_binary_built_for_another_torch_is_not_loaded(plain_install, tmp_path: P
     shutil.copy(compiled, package / "_C.so")
 
     (package / "_C.torch_version").write_text(torch.__version__)
-    result = run_probe(sys.executable, cwd=tmp_path, cache=cache, pythonpath=tmp_path)
+    result = run_probe(cwd=tmp_path, cache=cache, pythonpath=tmp_path)
     assert result.returncode == 0, result.stderr
     assert Path(result.stdout.split()[1]).parent == package  # the control: a match loads it
 
     (package / "_C.torch_version").write_text("0.0.1+another")
-    result = run_probe(sys.executable, cwd=tmp_path, cache=cache, pythonpath=tmp_path)
+    result = run_probe(cwd=tmp_path, cache=cache, pythonpath=tmp_path)
     assert result.returncode == 0, result.stderr
     assert Path(result.stdout.split()[1]).is_relative_to(cache)
 
 
 def test_no_binary_and_no_sources_fails_with_a_fix(tmp_path: Path) -> None:
     package_copy(tmp_path, with_sources=False)
-    result = run_probe(sys.executable, cwd=tmp_path, cache=tmp_path / "cache", pythonpath=tmp_path)
+    result = run_probe(cwd=tmp_path, cache=tmp_path / "cache", pythonpath=tmp_path)
     assert result.returncode != 0
     assert "ImportError: gradbridge_ext: the native operator was not compiled at install time" in result.stderr
     assert "its C++ sources are not in" in result.stderr
@@ -109,7 +107,7 @@ def test_no_binary_and_no_sources_fails_with_a_fix(tmp_path: Path) -> None:
 
 def test_failed_compile_fails_with_a_fix(tmp_path: Path) -> None:
     package_copy(tmp_path, with_sources=True)
-    result = run_probe(sys.executable, cwd=tmp_path, cache=tmp_path / "cache", pythonpath=tmp_path, CXX="/bin/false")
+    result = run_probe(cwd=tmp_path, cache=tmp_path / "cache", pythonpath=tmp_path, CXX="/bin/false")
     assert result.returncode != 0
     assert "compiling it failed" in result.stderr
     assert "install a C++ compiler and ninja" in result.stderr
