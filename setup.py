@@ -49,10 +49,12 @@ else:
     # only differs in what it links against. csrc/cuda/*.cu is where one would go.
     sources = sorted(glob.glob("csrc/*.cpp"))
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
+    # The same flags as the compile-on-import path (gradbridge_ext/_extension.py).
+    flags = {"cxx": ["-O3"], "nvcc": ["-O3"]}
     if torch.version.cuda and CUDA_HOME:
-        extension = CUDAExtension(EXTENSION, sources + cuda_sources)
+        extension = CUDAExtension(EXTENSION, sources + cuda_sources, extra_compile_args=flags)
     else:
-        extension = CppExtension(EXTENSION, sources)
+        extension = CppExtension(EXTENSION, sources, extra_compile_args=flags["cxx"])
     setup_args.update(ext_modules=[extension], cmdclass={"build_ext": BuildExtensionForThisTorch})
 
 setup(**setup_args)

@@ -4,6 +4,8 @@
 
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/record_function.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
 namespace gradbridge {
@@ -87,12 +89,41 @@ at::Tensor bridge_autograd(c10::DispatchKeySet ks, const at::Tensor& t) {
   return bridge_op().redispatch(ks & c10::after_ADInplaceOrView_keyset, t);
 }
 
+// NB: the dispatcher costs more than the alias itself (two kernel hops and a
+// profiler check, ~60 ns of ~300 on a CPU), which would make bridge slower than
+// `t.data`. When the keys it would dispatch on are only a CPU or CUDA backend,
+// autograd, ADInplaceOrView and BackendSelect (always included; we have no
+// kernel there), it would reach bridge_alias through bridge_autograd, which
+// adds nothing; so call bridge_alias directly. Anything
+// else goes through the dispatcher: profiler or other RecordFunction observers,
+// tracing, autocast, functionalization, vmap/grad, Python modes and subclasses
+// (fake tensors), conj/neg bits, meta and other backends. (Kernels another
+// library registers over ours for those keys are bypassed too: use
+// torch.ops.gradbridge.bridge, which always dispatches.)
+bool dispatch_reaches_bridge_alias(const at::Tensor& t) {
+  static const c10::DispatchKeySet direct_keys({
+      c10::DispatchKey::CPU,
+      c10::DispatchKey::CUDA,
+      c10::DispatchKey::AutogradCPU,
+      c10::DispatchKey::AutogradCUDA,
+      c10::DispatchKey::ADInplaceOrView,
+      c10::DispatchKey::BackendSelect,
+  });
+  const auto local = c10::impl::tls_local_dispatch_key_set();
+  const auto keys = (t.key_set() | local.included_) - local.excluded_;
+  return direct_keys.has_all(keys) &&
+      !at::getStepCallbacksUnlessEmpty(at::RecordScope::FUNCTION).has_value();
+}
+
 } // namespace
 
 at::Tensor bridge(const at::Tensor& t) {
   // Checked before dispatch too, so that tensor subclasses which answer ops in
   // Python (jagged nested tensors) are refused with the same message.
   check_strided(t);
+  if (dispatch_reaches_bridge_alias(t)) {
+    return bridge_alias(t);
+  }
   return bridge_op().call(t);
 }
 

@@ -21,6 +21,8 @@ import torch
 PACKAGE_DIR = Path(__file__).resolve().parent
 TORCH_VERSION_FILE = PACKAGE_DIR / "_C.torch_version"  # written by setup.py
 CACHE_ENV = "GRADBRIDGE_EXT_CACHE"
+# torch's JIT build passes no optimization flag; setup.py asks for the same.
+CXX_FLAGS = ["-O3"]
 _FIX = (
     "To fix it, install a C++ compiler and ninja (`pip install ninja`) so the operator can "
     "compile on import, or reinstall next to this torch with "
@@ -81,6 +83,7 @@ def _compile(why: str) -> ModuleType:
             name="_C",
             sources=[str(path) for path in cpp_sources],
             build_directory=str(build_dir),
+            extra_cflags=CXX_FLAGS,
             verbose=False,
         )
     except Exception as error:

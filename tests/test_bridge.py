@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 from torch.multiprocessing.reductions import StorageWeakRef
+from torch.overrides import TorchFunctionMode
 from torch.profiler import ProfilerActivity, profile
 
 import gradbridge_ext
@@ -390,6 +391,72 @@ def test_unsupported_layouts_raise_naming_the_layout(kind: str, inference: bool,
     t = unsupported_tensors()[kind]
     with torch.inference_mode(inference), pytest.raises(NotImplementedError, match=f"got .*{kind.split()[0]}"):
         ENTRY_POINTS[entry](t)
+
+
+class Tagged(torch.Tensor):
+    """A Tensor subclass with torch's default __torch_function__."""
+
+
+@pytest.mark.parametrize("entry", ENTRY_POINTS)
+@pytest.mark.parametrize("kind", ["subclass", "parameter"])
+def test_result_type_follows_detach(entry: str, kind: str) -> None:
+    t = torch.ones(2).as_subclass(Tagged) if kind == "subclass" else nn.Parameter(torch.ones(2))
+    result = ENTRY_POINTS[entry](t)
+    assert type(result) is type(t.detach())
+    assert_alias(result, t)
+
+
+def test_torch_function_modes_and_fx_see_bridge() -> None:
+    seen = []
+
+    class Spy(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            seen.append(func)
+            return func(*args, **(kwargs or {}))
+
+    t = torch.ones(3)
+    with Spy():
+        result = bridge(t)
+    assert seen == [bridge]
+    assert_alias(result, t)
+
+    def model(x: torch.Tensor) -> torch.Tensor:
+        return bridge(x) * 2
+
+    traced = torch.fx.symbolic_trace(model)
+    assert [n.target for n in traced.graph.nodes if n.op == "call_function"][0] is bridge
+    x = torch.ones(3, requires_grad=True)
+    assert not traced(x).requires_grad
+
+
+def test_plain_calls_skip_the_dispatcher_only_when_nothing_would_see_it(device: str) -> None:
+    # A Python kernel registered over ours is called only if bridge dispatches.
+    # Plain calls skip the dispatcher (it would only reach the same kernel);
+    # anything that watches or reroutes dispatch must still see the operator.
+    calls: list[str] = []
+    lib = torch.library.Library("gradbridge", "IMPL")  # warns that it overrides ours
+    try:
+        lib.impl("bridge", lambda t: calls.append("dispatched") or t.detach(), device.upper())
+        t = torch.ones(3, device=device, requires_grad=True) * 2
+        assert_alias(bridge(t), t)
+        with torch.inference_mode():
+            bridge(t)
+        with torch.no_grad():
+            bridge(t)
+        assert calls == []
+        torch.ops.gradbridge.bridge(t)
+        assert calls == ["dispatched"]
+        with profile(activities=[ProfilerActivity.CPU]):
+            bridge(t)
+        with torch.autocast(device):
+            bridge(t)
+        bridge(torch.ones(2, dtype=torch.complex64, device=device).conj())
+        assert len(calls) == 4
+    finally:
+        lib._destroy()
+    calls.clear()
+    torch.ops.gradbridge.bridge(t)
+    assert calls == []  # our kernel is back
 
 
 @pytest.mark.parametrize("documented", [gradbridge_ext.bridge, gradbridge_ext.BridgeFunction], ids=lambda f: f.__name__)
