@@ -1,7 +1,7 @@
 # Each target does its own set-up, so one command works on a fresh machine.
 PYTHON ?= python3
 
-.PHONY: setup test example
+.PHONY: setup test example bench
 
 # torch: the one already installed, else the 2.13.0 CPU build (a looser spec
 # would pull a multi-GB CUDA build). The operator is compiled against it.
@@ -15,3 +15,9 @@ test: setup
 
 example: setup
 	$(PYTHON) examples/independent_layers.py
+
+# The benchmark: CPU, and CUDA where torch sees a GPU. BENCH_ARGS=--quick for a
+# short run; see `python benchmarks/bench_bridge.py --help`.
+bench: setup
+	$(PYTHON) -m pip install matplotlib
+	$(PYTHON) benchmarks/bench_bridge.py $(BENCH_ARGS)

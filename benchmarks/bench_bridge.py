@@ -1,0 +1,564 @@
+"""Benchmark bridge against detach, .data and the set_ trick: latency, memory, kernels, training.
+
+Every method runs side by side in one run, on the same tensors, in shuffled order each
+repeat, so ratios compare like with like. Results go to stdout (Markdown) and to
+``benchmarks/results/<device>/`` (``results.json``, ``latency.png``, ``training.png``).
+
+    python benchmarks/bench_bridge.py                   # CPU, and CUDA if torch sees a GPU
+    python benchmarks/bench_bridge.py --device cuda --quick
+    python benchmarks/bench_bridge.py --sizes 4B,1MB,256MB --sections latency,memory
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import time
+import timeit
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # the profiler logs each start and stop otherwise
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import Tensor, nn  # noqa: E402
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
+
+import gradbridge_ext  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SECTIONS = ("latency", "memory", "training")
+UNITS = {"B": 1, "KB": 2**10, "MB": 2**20, "GB": 2**30}
+SIZES = {
+    "cpu": "4B,64B,1KB,16KB,256KB,4MB,64MB,256MB",
+    "cuda": "4B,64B,1KB,16KB,256KB,4MB,64MB,256MB,1GB",
+}
+QUICK_SIZES = "4B,4MB,256MB"
+
+
+def set_trick(t: Tensor) -> Tensor:
+    """The seed's trick: a zero-filled copy of t, then re-pointed at t's storage."""
+    with torch.no_grad():
+        r = torch.zeros_like(t)
+        r.set_(t)
+    return r
+
+
+def empty_set(t: Tensor) -> Tensor:
+    """The cheapest pure-PyTorch alias with its own version counter: no copy, one op more."""
+    with torch.no_grad():
+        return t.new_empty(0).set_(t)
+
+
+# Each method as its user writes it; timeit runs these very statements, so a
+# method pays for no wrapper the others do not.
+METHODS = {
+    "detach": "t.detach()",
+    ".data": "t.data",
+    "set_ trick": "set_trick(t)",
+    "new_empty.set_": "empty_set(t)",
+    "bridge": "bridge(t)",
+    "BridgeFunction": "BridgeFunction.apply(t)",
+}
+NAMESPACE = {
+    "set_trick": set_trick,
+    "empty_set": empty_set,
+    "bridge": gradbridge_ext.bridge,
+    "BridgeFunction": gradbridge_ext.BridgeFunction,
+}
+BASELINE = "detach"
+
+
+def method(name: str) -> Callable[[Tensor], Tensor]:
+    return eval(f"lambda t: {METHODS[name]}", dict(NAMESPACE))
+
+
+@dataclass
+class Config:
+    repeats: int  # interleaved repeats per (size, method); medians are over these
+    block_s: float  # each repeat times enough calls to fill this long
+    train_steps: int
+    width: int
+    batch: int
+    depth: int  # linear layers in B
+
+
+CONFIGS = {
+    ("cpu", False): Config(repeats=21, block_s=0.02, train_steps=15, width=512, batch=1024, depth=4),
+    ("cpu", True): Config(repeats=5, block_s=0.005, train_steps=4, width=256, batch=256, depth=2),
+    ("cuda", False): Config(repeats=21, block_s=0.02, train_steps=30, width=2048, batch=4096, depth=4),
+    ("cuda", True): Config(repeats=5, block_s=0.005, train_steps=6, width=1024, batch=1024, depth=2),
+}  # fmt: skip
+
+
+def progress(message: str) -> None:
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+def parse_size(text: str) -> int:
+    """'4B', '64KB', '1GB' -> bytes."""
+    text = text.strip().upper()
+    for unit in sorted(UNITS, key=len, reverse=True):
+        if text.endswith(unit) and text[: -len(unit)].isdigit():
+            return int(text[: -len(unit)]) * UNITS[unit]
+    raise argparse.ArgumentTypeError(f"size {text!r}: expected a number and B, KB, MB or GB")
+
+
+def format_size(nbytes: int) -> str:
+    for unit in ("GB", "MB", "KB"):
+        if nbytes >= UNITS[unit] and nbytes % UNITS[unit] == 0:
+            return f"{nbytes // UNITS[unit]}{unit}"
+    return f"{nbytes}B"
+
+
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def environment(device: str) -> dict[str, str]:
+    # A copy of the tree without .git (a lent GPU machine) names its commit by variable.
+    commit = os.environ.get("GRADBRIDGE_EXT_COMMIT", "")
+    if not commit:
+        try:
+            commit = subprocess.run(
+                ["git", "describe", "--always", "--dirty"],
+                cwd=RESULTS.parent, capture_output=True, text=True, check=True,
+            ).stdout.strip()  # fmt: skip
+        except (OSError, subprocess.CalledProcessError):
+            commit = "unknown"
+    env = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": device,
+        "device_name": torch.cuda.get_device_name() if device == "cuda" else cpu_model(),
+        "cpu": cpu_model(),
+        "cpu_threads": str(torch.get_num_threads()),
+        "gradbridge_ext_commit": commit,
+    }
+    if device == "cuda":
+        env["cuda"] = str(torch.version.cuda)
+    return env
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def make_input(nbytes: int, requires_grad: bool, device: str) -> Tensor:
+    """A float32 tensor of nbytes: a non-leaf of a leaf that requires grad, or a plain one."""
+    t = torch.randn(max(1, nbytes // 4), device=device)
+    if requires_grad:
+        t = t.requires_grad_().mul(2)
+    return t
+
+
+# ---------------------------------------------------------------------------- latency
+
+
+def quartiles(values: list[float]) -> tuple[float, float, float]:
+    q1, median, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q1, median, q3
+
+
+def bench_latency(device: str, sizes: list[int], config: Config) -> list[dict]:
+    rows = []
+    for nbytes in sizes:
+        for requires_grad in (True, False):
+            t = make_input(nbytes, requires_grad, device)
+            namespace = dict(NAMESPACE, t=t)
+            timers = {name: timeit.Timer(stmt, globals=namespace) for name, stmt in METHODS.items()}
+
+            def block(name: str, number: int) -> float:
+                # The sync puts the set_ trick's fill kernels inside the time on CUDA.
+                synchronize(device)
+                start = time.perf_counter()
+                timers[name].timeit(number)
+                synchronize(device)
+                return (time.perf_counter() - start) / number
+
+            numbers = {}
+            for name in METHODS:
+                block(name, 1)  # warm-up: first-call costs, the allocator's first block
+                numbers[name] = max(1, min(100_000, int(config.block_s / block(name, 1))))
+            samples: dict[str, list[float]] = {name: [] for name in METHODS}
+            for _ in range(config.repeats):
+                order = list(METHODS)
+                random.shuffle(order)
+                for name in order:
+                    samples[name].append(block(name, numbers[name]) * 1e9)
+            base = statistics.median(samples[BASELINE])
+            for name, ns in samples.items():
+                q1, median, q3 = quartiles(ns)
+                rows.append({
+                    "size_bytes": nbytes, "requires_grad": requires_grad, "method": name,
+                    "median_ns": median, "q1_ns": q1, "q3_ns": q3,
+                    "ratio_to_detach": median / base,
+                    "calls_per_repeat": numbers[name], "repeats": config.repeats,
+                })  # fmt: skip
+            progress(
+                f"latency {device} {format_size(nbytes):>6} requires_grad={requires_grad!s:5}  "
+                + "  ".join(f"{r['method']} {r['median_ns']:.0f}ns" for r in rows[-len(METHODS):])
+            )
+            del t, namespace, timers
+    return rows
+
+
+# ----------------------------------------------------------------- memory and kernels
+
+
+def bench_memory(device: str, sizes: list[int]) -> list[dict]:
+    """One call per (size, method): bytes allocated, peak, ops dispatched, CUDA kernels."""
+    rows = []
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    for nbytes in sizes:
+        t = make_input(nbytes, True, device)
+        for name in METHODS:
+            fn = method(name)
+            fn(t)  # warm-up, so no first-call allocation lands in the measurement
+            row = {"size_bytes": nbytes, "method": name}
+            if device == "cuda":
+                synchronize(device)
+                torch.cuda.reset_peak_memory_stats()
+                before = torch.cuda.memory_allocated()
+                allocated_before = torch.cuda.memory_stats()["allocated_bytes.all.allocated"]
+                result = fn(t)
+                synchronize(device)
+                row["allocated_bytes"] = (
+                    torch.cuda.memory_stats()["allocated_bytes.all.allocated"] - allocated_before
+                )
+                row["peak_bytes"] = torch.cuda.max_memory_allocated() - before
+                row["memory_source"] = "CUDA caching allocator stats"
+                del result
+            with profile(activities=activities, profile_memory=True) as prof:
+                result = fn(t)
+                synchronize(device)
+            del result
+            events = prof.events()
+            if device == "cpu":
+                row["allocated_bytes"], row["peak_bytes"] = cpu_allocations(events)
+                row["memory_source"] = "torch.profiler memory events"
+            ops = [e.name for e in events if e.device_type == torch.autograd.DeviceType.CPU
+                   and e.name != "[memory]" and e.cpu_parent is None]  # fmt: skip
+            row["top_level_ops"] = ops
+            row["ops"] = sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CPU
+                             and e.name != "[memory]")  # fmt: skip
+            if device == "cuda":
+                row["kernels"] = sum(
+                    1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA
+                )
+            rows.append(row)
+        progress(
+            f"memory {device} {format_size(nbytes):>6}  "
+            + "  ".join(f"{r['method']} {r['allocated_bytes']}B" for r in rows[-len(METHODS):])
+        )
+        del t
+    return rows
+
+
+# ----------------------------------------------------------------------- training
+
+
+CUTS = {"no cut": "t", **METHODS}
+MODES = {0: "loss on B", 1: "loss on C", 2: "loss on B + C"}
+
+
+class ABC(nn.Module):
+    """The seed's A -> B -> C, scaled up: C learns from B's output through a cut."""
+
+    def __init__(self, width: int, depth: int) -> None:
+        super().__init__()
+        self.A = nn.Sequential(nn.Linear(width, width), nn.ReLU())
+        self.B = nn.Sequential(*[m for _ in range(depth) for m in (nn.Linear(width, width), nn.ReLU())])
+        self.C = nn.Linear(width, width)
+
+    def forward(self, x: Tensor, cut: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor]:
+        b = self.B(self.A(x))
+        return b, self.C(cut(b))
+
+
+def bench_training(device: str, config: Config) -> list[dict]:
+    rows = []
+    torch.manual_seed(0)
+    x = torch.randn(config.batch, config.width, device=device)
+    target_b = torch.randn(config.batch, config.width, device=device)
+    target_c = torch.randn(config.batch, config.width, device=device)
+    init = ABC(config.width, config.depth).state_dict()
+    cuts = {name: eval(f"lambda t: {stmt}", dict(NAMESPACE)) for name, stmt in CUTS.items()}
+    for mode in MODES:
+        models, optimizers = {}, {}
+        for name in CUTS:
+            model = ABC(config.width, config.depth).to(device)
+            model.load_state_dict(init)
+            models[name] = model
+            optimizers[name] = torch.optim.SGD(model.parameters(), lr=1e-3)
+
+        def step(name: str) -> float:
+            b, c = models[name](x, cuts[name])
+            loss_b, loss_c = F.mse_loss(b, target_b), F.mse_loss(c, target_c)
+            loss = (loss_b, loss_c, loss_b + loss_c)[mode]
+            optimizers[name].zero_grad(set_to_none=True)
+            loss.backward()
+            optimizers[name].step()
+            return loss.item()
+
+        times: dict[str, list[float]] = {name: [] for name in CUTS}
+        peaks: dict[str, int] = {name: 0 for name in CUTS}
+        losses: dict[str, float] = {}
+        for name in CUTS:
+            step(name)  # warm-up: allocator, kernels, optimizer state
+        for _ in range(config.train_steps):
+            order = list(CUTS)
+            random.shuffle(order)
+            for name in order:
+                synchronize(device)
+                if device == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                    before = torch.cuda.memory_allocated()
+                start = time.perf_counter()
+                losses[name] = step(name)  # .item() waits for the step to finish
+                times[name].append((time.perf_counter() - start) * 1e3)
+                if device == "cuda":
+                    peaks[name] = max(peaks[name], torch.cuda.max_memory_allocated() - before)
+        if device == "cpu":
+            for name in CUTS:
+                peaks[name] = cpu_peak_bytes(lambda: step(name))
+        base_time = statistics.median(times[BASELINE])
+        for name in CUTS:
+            q1, median, q3 = quartiles(times[name])
+            rows.append({
+                "mode": mode, "method": name, "step_ms_median": median,
+                "step_ms_q1": q1, "step_ms_q3": q3, "ratio_to_detach": median / base_time,
+                "peak_bytes": peaks[name], "peak_ratio_to_detach": peaks[name] / peaks[BASELINE],
+                "final_loss": losses[name], "steps": config.train_steps,
+            })  # fmt: skip
+        progress(
+            f"training {device} mode {mode} ({MODES[mode]})  "
+            + "  ".join(f"{r['method']} {r['step_ms_median']:.1f}ms" for r in rows[-len(CUTS):])
+        )
+        del models, optimizers
+    return rows
+
+
+def cpu_peak_bytes(fn: Callable[[], object]) -> int:
+    """Peak bytes held by the CPU allocator during fn, above where it started."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return cpu_allocations(prof.events())[1]
+
+
+def cpu_allocations(events: list) -> tuple[int, int]:
+    """(bytes allocated, peak bytes held) from profiler events.
+
+    The profiler books each CPU allocator call (+ alloc, - free) to the op that
+    made it, or to a "[memory]" event outside any op; summed in op order, that
+    gives what a call allocated and the most it held at once.
+    """
+    running, peak, allocated = 0, 0, 0
+    for e in sorted(events, key=lambda e: e.time_range.start):
+        change = e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage
+        running += change
+        allocated += max(0, change)
+        peak = max(peak, running)
+    return allocated, peak
+
+
+# ------------------------------------------------------------------------- report
+
+
+def check_bars(device: str, results: dict) -> list[dict]:
+    """The issue's bars for bridge, each with what this run measured."""
+    bars = []
+    latency = results.get("latency", [])
+    if latency:
+        by = {(r["size_bytes"], r["requires_grad"], r["method"]): r["median_ns"] for r in latency}
+        keys = sorted({(r["size_bytes"], r["requires_grad"]) for r in latency})
+        worst = max(keys, key=lambda k: by[(*k, "bridge")] / by[(*k, ".data")])
+        ratio = by[(*worst, "bridge")] / by[(*worst, ".data")]
+        bars.append({
+            "bar": "bridge per call <= .data at every size",
+            "measured": f"worst bridge/.data = {ratio:.2f} ({format_size(worst[0])}, "
+                        f"requires_grad={worst[1]})",
+            "holds": ratio <= 1.0,
+        })  # fmt: skip
+        sizes = sorted({k[0] for k in keys})
+        flat = [by[(sizes[-1], g, "bridge")] / by[(sizes[0], g, "bridge")] for g in (True, False)]
+        bars.append({
+            "bar": "bridge flat in size (largest/smallest within 1.1)",
+            "measured": f"{format_size(sizes[-1])}/{format_size(sizes[0])} = "
+                        + ", ".join(f"{f:.2f}" for f in flat),
+            "holds": max(flat) <= 1.1,
+        })  # fmt: skip
+    memory = [r for r in results.get("memory", []) if r["method"] == "bridge"]
+    if memory:
+        allocated = max(r["allocated_bytes"] for r in memory)
+        kernels = max(r.get("kernels", 0) for r in memory)
+        bars.append({
+            "bar": "bridge allocates 0 bytes and launches 0 kernels",
+            "measured": f"max {allocated} B allocated"
+                        + (f", max {kernels} kernels" if device == "cuda" else ", (no kernels on CPU)"),
+            "holds": allocated == 0 and kernels == 0,
+        })  # fmt: skip
+    training = [r for r in results.get("training", []) if r["method"] == "bridge"]
+    if training:
+        times = [r["ratio_to_detach"] for r in training]
+        peaks = [r["peak_ratio_to_detach"] for r in training]
+        bars.append({
+            "bar": "training step time and peak memory within 0.98-1.02 of detach",
+            "measured": "time " + ", ".join(f"{v:.3f}" for v in times)
+                        + "; peak " + ", ".join(f"{v:.3f}" for v in peaks) + " (modes 0, 1, 2)",
+            "holds": all(0.98 <= v <= 1.02 for v in times + peaks),
+        })  # fmt: skip
+    return bars
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def format_ns(ns: float) -> str:
+    if ns >= 1e6:
+        return f"{ns / 1e6:.2f} ms"
+    if ns >= 1e3:
+        return f"{ns / 1e3:.2f} us"
+    return f"{ns:.0f} ns"
+
+
+def report(results: dict) -> str:
+    env = results["environment"]
+    parts = [
+        f"## {env['device']}: {env['device_name']}",
+        f"torch {env['torch']}, Python {env['python']}, CPU {env['cpu']} "
+        f"({env['cpu_threads']} threads), {env['date']}, commit {env['gradbridge_ext_commit']}",
+    ]
+    latency = results.get("latency", [])
+    for requires_grad in (True, False):
+        rows = [r for r in latency if r["requires_grad"] == requires_grad]
+        if not rows:
+            continue
+        sizes = sorted({r["size_bytes"] for r in rows})
+        by = {(r["size_bytes"], r["method"]): r for r in rows}
+        parts.append(
+            f"\n### Latency per call, input {'requires' if requires_grad else 'does not require'} "
+            "grad (median, and ratio to detach)\n"
+        )
+        parts.append(table(
+            ["size", *METHODS],
+            [[format_size(s)] + [f"{format_ns(by[(s, m)]['median_ns'])} ({by[(s, m)]['ratio_to_detach']:.2f})"
+                                 for m in METHODS] for s in sizes],
+        ))  # fmt: skip
+    memory = results.get("memory", [])
+    if memory:
+        cuda = results["environment"]["device"] == "cuda"
+        parts.append(f"\n### Memory and work per call (input requires grad; {memory[0]['memory_source']})\n")
+        parts.append(table(
+            ["size", "method", "bytes allocated", "peak bytes", "ops dispatched"]
+            + (["CUDA kernels"] if cuda else []),
+            [[format_size(r["size_bytes"]), r["method"], str(r["allocated_bytes"]), str(r["peak_bytes"]),
+              str(r["ops"])] + ([str(r["kernels"])] if cuda else []) for r in memory],
+        ))  # fmt: skip
+        parts.append(
+            "\nOps are counted by the profiler, which makes bridge dispatch (1 op); a call "
+            "with no profiler or mode active skips the dispatcher (0 ops), same kernel."
+        )
+    training = results.get("training", [])
+    if training:
+        cfg = results["config"]
+        parts.append(
+            f"\n### Training step (width {cfg['width']}, batch {cfg['batch']}, B = {cfg['depth']} "
+            f"linear layers, {cfg['train_steps']} steps; median, and ratio to detach)\n"
+        )
+        parts.append(table(
+            ["mode", "method", "step time", "peak memory", "final loss"],
+            [[f"{r['mode']}: {MODES[r['mode']]}", r["method"],
+              f"{r['step_ms_median']:.2f} ms ({r['ratio_to_detach']:.3f})",
+              f"{r['peak_bytes'] / 2**20:.1f} MiB ({r['peak_ratio_to_detach']:.3f})",
+              f"{r['final_loss']:.6f}"] for r in training],
+        ))  # fmt: skip
+    bars = results.get("bars", [])
+    if bars:
+        parts.append("\n### Bars for bridge\n")
+        parts.append(table(
+            ["bar", "measured", "holds"],
+            [[b["bar"], b["measured"], "yes" if b["holds"] else "NO"] for b in bars],
+        ))  # fmt: skip
+    return "\n".join(parts)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=("cpu", "cuda", "all"), default="all",
+                        help="all (default): CPU, and CUDA if torch sees a GPU")  # fmt: skip
+    parser.add_argument("--sizes", help="comma-separated sizes, e.g. 4B,1MB,1GB "
+                        f"(default: CPU {SIZES['cpu']}; CUDA adds 1GB)")  # fmt: skip
+    parser.add_argument("--quick", action="store_true",
+                        help=f"fewer repeats, sizes {QUICK_SIZES}, a smaller model")  # fmt: skip
+    parser.add_argument("--sections", default=",".join(SECTIONS),
+                        help=f"comma-separated subset of {','.join(SECTIONS)}")  # fmt: skip
+    parser.add_argument("--out", type=Path, default=RESULTS,
+                        help="results folder; each device writes to <out>/<device>/")  # fmt: skip
+    args = parser.parse_args(argv)
+    sections = [s for s in args.sections.split(",") if s]
+    unknown = set(sections) - set(SECTIONS)
+    if unknown:
+        parser.error(f"--sections: unknown {sorted(unknown)}; choose from {list(SECTIONS)}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device")
+    devices = {"all": ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])}.get(
+        args.device, [args.device]
+    )
+    failed = False
+    for device in devices:
+        config = CONFIGS[(device, args.quick)]
+        sizes = [parse_size(s) for s in (args.sizes or (QUICK_SIZES if args.quick else SIZES[device])).split(",")]
+        results: dict = {"environment": environment(device), "config": asdict(config)}
+        progress(f"{device}: {results['environment']['device_name']}, torch {torch.__version__}")
+        random.seed(0)
+        runs = {
+            "latency": lambda: bench_latency(device, sizes, config),
+            "memory": lambda: bench_memory(device, sizes),
+            "training": lambda: bench_training(device, config),
+        }
+        for section in sections:
+            try:
+                results[section] = runs[section]()
+            except Exception as error:  # keep the other sections; fail at the end
+                progress(f"{section} failed: {error!r}")
+                results.setdefault("errors", {})[section] = repr(error)
+                failed = True
+        results["bars"] = check_bars(device, results)
+        out = args.out / device
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+        written = [out / "results.json"]
+        try:
+            from plots import plot_results
+        except ImportError as error:  # matplotlib missing: tables and JSON still stand
+            progress(f"no plots ({error}); `pip install matplotlib` for them")
+        else:
+            written += plot_results(results, out)
+        print(report(results))
+        print("\nwritten: " + ", ".join(str(p) for p in written))
+        sys.stdout.flush()
+    if failed:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
