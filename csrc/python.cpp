@@ -18,9 +18,6 @@ PyObject* disabled_torch_function = nullptr;
 // not exported to extensions; this one follows it.
 bool has_torch_function(PyObject* obj) {
   using at::impl::PythonTorchFunctionTLS;
-  if (PythonTorchFunctionTLS::exchange_skip_next(false)) {
-    return false;
-  }
   if (at::impl::torch_function_mode_enabled()) {
     return true;
   }
