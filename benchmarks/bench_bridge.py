@@ -185,6 +185,18 @@ def paired_ratio(samples: list[float], baseline: list[float]) -> float:
     return statistics.median(a / b for a, b in zip(samples, baseline, strict=True))
 
 
+def calls_per_block(block: Callable[[tuple, int], float], key: tuple, block_s: float) -> int:
+    """How many calls fill block_s, from a run of at least a tenth of it.
+
+    One call alone would mostly time the timer and, on CUDA, the synchronize.
+    """
+    block(key, 1)  # warm-up: first-call costs, the allocator's first block
+    number = 1
+    while (per_call := block(key, number)) * number < block_s / 10:
+        number *= 10
+    return max(1, round(block_s / per_call))
+
+
 def bench_latency(device: str, sizes: list[int], config: Config) -> list[dict]:
     # Every (size, grad, method) is timed once per repeat, in shuffled order, so
     # a machine that speeds up or slows down during the run moves all of them.
@@ -203,10 +215,7 @@ def bench_latency(device: str, sizes: list[int], config: Config) -> list[dict]:
         synchronize(device)
         return (time.perf_counter() - start) / number
 
-    numbers = {}
-    for key in timers:
-        block(key, 1)  # warm-up: first-call costs, the allocator's first block
-        numbers[key] = max(1, min(100_000, int(config.block_s / block(key, 1))))
+    numbers = {key: calls_per_block(block, key, config.block_s) for key in timers}
     samples: dict[tuple, list[float]] = {key: [] for key in timers}
     for repeat in range(config.repeats):
         order = list(timers)
@@ -502,7 +511,8 @@ def report(results: dict) -> str:
         ))  # fmt: skip
     bars = results.get("bars", [])
     if bars:
-        parts.append("\n### Bars for bridge\n")
+        quick = " (a --quick run: too few repeats to decide them)" if results.get("quick") else ""
+        parts.append(f"\n### Bars for bridge{quick}\n")
         parts.append(table(
             ["bar", "measured", "holds"],
             [[b["bar"], b["measured"], "yes" if b["holds"] else "NO"] for b in bars],
@@ -576,7 +586,9 @@ def main(argv: list[str] | None = None) -> None:
     for device in devices:
         config = CONFIGS[(device, args.quick)]
         sizes = args.sizes or parse_sizes(QUICK_SIZES if args.quick else SIZES[device])
-        results: dict = {"environment": environment(device), "config": asdict(config)}
+        results: dict = {
+            "environment": environment(device), "config": asdict(config), "quick": args.quick,
+        }  # fmt: skip
         progress(f"{device}: {results['environment']['device_name']}, torch {torch.__version__}")
         random.seed(0)
         runs = {
