@@ -92,7 +92,7 @@ class Config:
 
 
 CONFIGS = {
-    ("cpu", False): Config(repeats=21, block_s=0.02, train_steps=60, width=512, batch=512, depth=4),
+    ("cpu", False): Config(repeats=41, block_s=0.01, train_steps=60, width=512, batch=512, depth=4),
     ("cpu", True): Config(repeats=5, block_s=0.005, train_steps=4, width=256, batch=256, depth=2),
     ("cuda", False): Config(repeats=21, block_s=0.02, train_steps=60, width=2048, batch=4096, depth=4),
     ("cuda", True): Config(repeats=5, block_s=0.005, train_steps=6, width=1024, batch=1024, depth=2),
@@ -198,8 +198,10 @@ def calls_per_block(block: Callable[[tuple, int], float], key: tuple, block_s: f
 
 
 def bench_latency(device: str, sizes: list[int], config: Config) -> list[dict]:
-    # Every (size, grad, method) is timed once per repeat, in shuffled order, so
-    # a machine that speeds up or slows down during the run moves all of them.
+    # Every (size, grad, method) is timed once per repeat: the cases in shuffled
+    # order, so drift over the run moves every size alike, and within a case the
+    # methods back to back in shuffled order, so each ratio compares blocks
+    # timed moments apart.
     cases = [(nbytes, requires_grad) for nbytes in sizes for requires_grad in (True, False)]
     timers = {}
     for case in cases:
@@ -218,10 +220,10 @@ def bench_latency(device: str, sizes: list[int], config: Config) -> list[dict]:
     numbers = {key: calls_per_block(block, key, config.block_s) for key in timers}
     samples: dict[tuple, list[float]] = {key: [] for key in timers}
     for repeat in range(config.repeats):
-        order = list(timers)
-        random.shuffle(order)
-        for key in order:
-            samples[key].append(block(key, numbers[key]) * 1e9)
+        for case in random.sample(cases, len(cases)):
+            for name in random.sample(list(METHODS), len(METHODS)):
+                key = (*case, name)
+                samples[key].append(block(key, numbers[key]) * 1e9)
         progress(f"latency {device}: repeat {repeat + 1}/{config.repeats}")
     rows = []
     for (nbytes, requires_grad, name), ns in samples.items():
