@@ -466,6 +466,10 @@ def table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 
 
+def format_ratio(ratio: float) -> str:
+    return f"{ratio:.2f}" if ratio < 100 else f"{ratio:,.0f}"
+
+
 def format_ns(ns: float) -> str:
     if ns >= 1e6:
         return f"{ns / 1e6:.2f} ms"
@@ -494,7 +498,7 @@ def report(results: dict) -> str:
         )
         parts.append(table(
             ["size", *METHODS],
-            [[format_size(s)] + [f"{format_ns(by[(s, m)]['median_ns'])} ({by[(s, m)]['ratio_to_detach']:.2f})"
+            [[format_size(s)] + [f"{format_ns(by[(s, m)]['median_ns'])} ({format_ratio(by[(s, m)]['ratio_to_detach'])})"
                                  for m in METHODS] for s in sizes],
         ))  # fmt: skip
     memory = results.get("memory", [])
@@ -549,7 +553,7 @@ def summary(results: dict) -> str:
 
     def per_call(size: int, name: str) -> str:
         r = time[(size, name)]
-        return f"{format_ns(r['median_ns'])} ({r['ratio_to_detach']:.2f})"
+        return f"{format_ns(r['median_ns'])} ({format_ratio(r['ratio_to_detach'])})"
 
     rows = []
     for name in CUTS:
@@ -566,6 +570,10 @@ def summary(results: dict) -> str:
               f"bytes allocated, {format_size(large)}"] + (["CUDA kernels"] if cuda else []) + [
               "training step time, modes 0 / 1 / 2", "training peak memory, modes 0 / 1 / 2"]  # fmt: skip
     cfg = results["config"]
+    bars = table(
+        ["bar for bridge", "measured", "holds"],
+        [[b["bar"], b["measured"], "yes" if b["holds"] else "**no**"] for b in results["bars"]],
+    )
     return "\n".join([
         f"{env['device_name']} ({env['device']}); torch {env['torch']}, Python {env['python']}, "
         f"{env['date'][:10]}, commit {env['gradbridge_ext_commit']}. Per call: median from Python, "
@@ -573,6 +581,8 @@ def summary(results: dict) -> str:
         f"{cfg['width']}, batch {cfg['batch']}, B = {cfg['depth']} layers, ratio to detach.",
         "",
         table(header, rows),
+        "",
+        bars,
     ])  # fmt: skip
 
 
