@@ -50,7 +50,7 @@ else:
     sources = sorted(glob.glob("csrc/*.cpp"))
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
     # The same flags as the compile-on-import path (gradbridge_ext/_extension.py).
-    flags = {"cxx": ["-O3"], "nvcc": ["-O3"]}
+    flags = {"cxx": ["-O3", "-DNDEBUG"], "nvcc": ["-O3", "-DNDEBUG"]}
     if torch.version.cuda and CUDA_HOME:
         extension = CUDAExtension(EXTENSION, sources + cuda_sources, extra_compile_args=flags)
     else:

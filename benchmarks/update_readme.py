@@ -15,7 +15,7 @@ from bench_bridge import RESULTS, summary
 README = RESULTS.parent.parent / "README.md"
 START = "<!-- benchmark tables: written by benchmarks/update_readme.py -->"
 END = "<!-- end of benchmark tables -->"
-MACHINES = {"cpu": "This machine's CPU", "cuda": "The GPU machine"}
+MACHINES = {"cpu": "The development machine, CPU only", "cuda": "The lent GPU machine"}
 
 
 def render() -> str:

@@ -89,17 +89,21 @@ at::Tensor bridge_autograd(c10::DispatchKeySet ks, const at::Tensor& t) {
   return bridge_op().redispatch(ks & c10::after_ADInplaceOrView_keyset, t);
 }
 
-// NB: the dispatcher costs more than the alias itself (two kernel hops and a
-// profiler check, ~60 ns of ~300 on a CPU), which would make bridge slower than
-// `t.data`. When the keys it would dispatch on are only a CPU or CUDA backend,
-// autograd, ADInplaceOrView and BackendSelect (always included; we have no
-// kernel there), it would reach bridge_alias through bridge_autograd, which
-// adds nothing; so call bridge_alias directly. Anything
-// else goes through the dispatcher: profiler or other RecordFunction observers,
-// tracing, autocast, functionalization, vmap/grad, Python modes and subclasses
-// (fake tensors), conj/neg bits, meta and other backends. (Kernels another
-// library registers over ours for those keys are bypassed too: use
-// torch.ops.gradbridge.bridge, which always dispatches.)
+// NB: the dispatcher's two kernel hops and profiler check cost a large share
+// of a call this cheap, enough to make bridge slower than `t.data`. When the
+// keys it would dispatch on are only a CPU or CUDA backend, autograd,
+// ADInplaceOrView and BackendSelect (always included; we have no kernel
+// there), it would reach bridge_alias through bridge_autograd, which adds
+// nothing; so call bridge_alias directly. Anything else goes through the
+// dispatcher: RecordFunction observers (the profiler), tracing, autocast,
+// functionalization, vmap/grad, Python modes and subclasses (fake tensors),
+// conj/neg bits, meta, sparse and other layouts and backends. Two things the
+// shortcut does differently, both only for observers of dispatch:
+//   - kernels another library registers over ours for these keys are not
+//     called (torch.ops.gradbridge.bridge always dispatches);
+//   - asking for the RecordFunction callbacks draws the sample of sampled
+//     observers, and the dispatcher then draws again, so an observer sampling
+//     with probability p sees bridge with about p squared.
 bool dispatch_reaches_bridge_alias(const at::Tensor& t) {
   static const c10::DispatchKeySet direct_keys({
       c10::DispatchKey::CPU,
@@ -118,12 +122,15 @@ bool dispatch_reaches_bridge_alias(const at::Tensor& t) {
 } // namespace
 
 at::Tensor bridge(const at::Tensor& t) {
-  // Checked before dispatch too, so that tensor subclasses which answer ops in
-  // Python (jagged nested tensors) are refused with the same message.
-  check_strided(t);
+  TORCH_CHECK(t.defined(), "gradbridge::bridge(t): t is an undefined tensor");
+  // Dense CPU and CUDA keys imply a strided layout, so the shortcut needs no
+  // layout check.
   if (dispatch_reaches_bridge_alias(t)) {
     return bridge_alias(t);
   }
+  // Checked before dispatch too, so that tensor subclasses which answer ops in
+  // Python (jagged nested tensors) are refused with the same message.
+  check_strided(t);
   return bridge_op().call(t);
 }
 

@@ -1,38 +1,28 @@
 // The Python entry point: gradbridge_ext._C.bridge.
 
-#include <ATen/PythonTorchFunctionTLS.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
-#include <torch/csrc/utils/python_arg_parser.h>
 #include <torch/extension.h>
 
 #include "bridge.h"
 
 namespace {
 
-// torch._C._disabled_torch_function_impl, which nn.Parameter uses to opt out.
-PyObject* disabled_torch_function = nullptr;
+// torch._C._has_torch_function_unary's C entry and its self. torch's check is
+// not exported to extensions; calling its entry gives torch's exact answer on
+// every torch version, including the "skip one hop" flag it consumes.
+PyCFunction has_torch_function_unary = nullptr;
+PyObject* has_torch_function_unary_self = nullptr;
+// torch.overrides.handle_torch_function, for the calls that defer.
+PyObject* handle_torch_function = nullptr;
 
-// Whether a torch function called with obj must defer to __torch_function__
-// (a TorchFunctionMode, a Tensor subclass, an fx Proxy). torch's own check is
-// not exported to extensions; this one follows it.
 bool has_torch_function(PyObject* obj) {
-  using at::impl::PythonTorchFunctionTLS;
-  if (at::impl::torch_function_mode_enabled()) {
-    return true;
+  auto answer =
+      THPObjectPtr(has_torch_function_unary(has_torch_function_unary_self, obj));
+  if (!answer) {
+    throw python_error();
   }
-  if (THPVariable_CheckExact(obj) ||
-      PythonTorchFunctionTLS::get_disabled_state() !=
-          at::impl::TorchFunctionDisabledState::ENABLED) {
-    return false;
-  }
-  auto impl = THPObjectPtr(
-      PyObject_GetAttrString((PyObject*)Py_TYPE(obj), "__torch_function__"));
-  if (!impl) {
-    PyErr_Clear();
-    return false;
-  }
-  return impl.get() != disabled_torch_function;
+  return answer.get() == Py_True;
 }
 
 // NB: bridge sits on a model's forward path, once per step or per layer, so its
@@ -40,15 +30,16 @@ bool has_torch_function(PyObject* obj) {
 // which would cost more than the alias itself.
 PyObject* bridge(PyObject* module, PyObject* t) {
   HANDLE_TH_ERRORS
-  // Subclasses, modes and fx tracing see bridge as they see torch functions.
+  // TorchFunctionModes, Tensor subclasses and fx Proxies see bridge as they see
+  // a torch function; torch.overrides picks which of them answer.
   if (has_torch_function(t)) {
     auto api = THPObjectPtr(PyObject_GetAttrString(module, "bridge"));
-    auto args = THPObjectPtr(PyTuple_Pack(1, t));
-    if (!api || !args) {
+    auto relevant = THPObjectPtr(PyTuple_Pack(1, t));
+    if (!api || !relevant) {
       return nullptr;
     }
-    return torch::handle_torch_function_no_python_arg_parser(
-        {t}, args.get(), nullptr, "bridge", api.get(), "gradbridge_ext");
+    return PyObject_CallFunctionObjArgs(
+        handle_torch_function, api.get(), relevant.get(), t, nullptr);
   }
   if (!THPVariable_Check(t)) {
     return PyErr_Format(
@@ -68,10 +59,20 @@ PyMethodDef methods[] = {
 } // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  // Kept for the life of the process, as torch._C keeps it.
-  pybind11::object disabled = pybind11::module_::import("torch._C").attr(
-      "_disabled_torch_function_impl");
-  disabled_torch_function = disabled.release().ptr();
+  // Both are kept for the life of the process, as torch keeps them.
+  pybind11::object check =
+      pybind11::module_::import("torch._C").attr("_has_torch_function_unary");
+  TORCH_CHECK(
+      PyCFunction_Check(check.ptr()) &&
+          PyCFunction_GET_FLAGS(check.ptr()) == METH_O,
+      "gradbridge_ext: torch._C._has_torch_function_unary is not the METH_O "
+      "C function this build expects");
+  has_torch_function_unary = PyCFunction_GET_FUNCTION(check.ptr());
+  has_torch_function_unary_self = PyCFunction_GET_SELF(check.ptr());
+  check.release();
+  pybind11::object handle =
+      pybind11::module_::import("torch.overrides").attr("handle_torch_function");
+  handle_torch_function = handle.release().ptr();
   if (PyModule_AddFunctions(m.ptr(), methods) < 0) {
     throw pybind11::error_already_set();
   }

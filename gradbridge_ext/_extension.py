@@ -21,8 +21,9 @@ import torch
 PACKAGE_DIR = Path(__file__).resolve().parent
 TORCH_VERSION_FILE = PACKAGE_DIR / "_C.torch_version"  # written by setup.py
 CACHE_ENV = "GRADBRIDGE_EXT_CACHE"
-# torch's JIT build passes no optimization flag; setup.py asks for the same.
-CXX_FLAGS = ["-O3"]
+# torch's JIT build passes neither flag; a setup.py build gets both (-DNDEBUG from
+# Python's own build flags), so the two builds compile the same code.
+CXX_FLAGS = ["-O3", "-DNDEBUG"]
 _FIX = (
     "To fix it, install a C++ compiler and ninja (`pip install ninja`) so the operator can "
     "compile on import, or reinstall next to this torch with "

