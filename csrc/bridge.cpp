@@ -1,4 +1,6 @@
-// gradbridge::bridge(t): a zero-copy alias of t that autograd never connects to t.
+// gradbridge::bridge(t, grad_scale, attach): a zero-copy alias of t whose
+// backward is zero (cut, the default), grad_scale * grad, or autograd's zero
+// with the result kept in the graph.
 
 #include "bridge.h"
 
@@ -6,10 +8,19 @@
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/record_function.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
+#include <torch/csrc/autograd/functions/utils.h>
 #include <torch/library.h>
+
+#include <atomic>
+#include <cmath>
+#include <memory>
+#include <type_traits>
 
 namespace gradbridge {
 namespace {
+
+// Process-wide, like autograd's anomaly mode: set from Python (gradbridge_ext.strict).
+std::atomic<bool> strict_mode{false};
 
 // NOTE [What bridge shares]
 // bridge(t) is what `t.data` gives, made an operator. The result shares t's
@@ -20,16 +31,31 @@ namespace {
 //   - its TensorImpl, so resize_, set_, as_strided_, unsqueeze_ ... change the
 //     result and never t;
 //   - its version counter (detach() shares t's): an in-place op on one side
-//     does not bump the other's _version. Inference tensors keep none at all;
+//     does not bump the other's _version. Inference tensors keep none at all.
+//     In strict mode it shares t's, so autograd catches an in-place change of
+//     t that C saved through the result, as it would with detach();
 //   - no autograd meta: a leaf that does not require grad and is no view, so a
 //     loss computed through it sends no gradient to t.
 // shallow_copy_and_detach is virtual, so a TensorImpl subclass copies itself.
 at::Tensor bridge_alias(const at::Tensor& t) {
   auto version = t.is_inference() ? c10::VariableVersion()
-                                  : c10::VariableVersion(/*version=*/0);
+      : strict_mode.load(std::memory_order_relaxed)
+      ? t.unsafeGetTensorImpl()->version_counter()
+      : c10::VariableVersion(/*version=*/0);
   auto impl = t.unsafeGetTensorImpl()->shallow_copy_and_detach(
       std::move(version), /*allow_tensor_metadata_change=*/true);
   return at::Tensor(std::move(impl));
+}
+
+// The forward is the same for every backward.
+at::Tensor bridge_kernel(const at::Tensor& t, double /*grad_scale*/, bool /*attach*/) {
+  return bridge_alias(t);
+}
+
+void check_grad_scale(double grad_scale) {
+  TORCH_CHECK_VALUE(
+      std::isfinite(grad_scale),
+      "gradbridge::bridge: grad_scale must be a finite number, got ", grad_scale);
 }
 
 // How Python spells a layout, for error messages.
@@ -65,7 +91,7 @@ void check_strided(const at::Tensor& t) {
 // Backends without a bridge_alias registration land here: the layouts above
 // when called as torch.ops.gradbridge.bridge, and strided tensors on devices we
 // have not tested.
-at::Tensor bridge_unsupported(const at::Tensor& t) {
+at::Tensor bridge_unsupported(const at::Tensor& t, double, bool) {
   check_strided(t);
   TORCH_CHECK_NOT_IMPLEMENTED(
       false,
@@ -73,20 +99,68 @@ at::Tensor bridge_unsupported(const at::Tensor& t) {
       "got a tensor on device '", t.device(), "'.");
 }
 
-const c10::TypedOperatorHandle<at::Tensor(const at::Tensor&)>& bridge_op() {
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("gradbridge::bridge", "")
-          .typed<at::Tensor(const at::Tensor&)>();
+using BridgeSignature = at::Tensor(const at::Tensor&, double, bool);
+
+const c10::TypedOperatorHandle<BridgeSignature>& bridge_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("gradbridge::bridge", "")
+                             .typed<BridgeSignature>();
   return op;
 }
 
-// NB: a cut edge records nothing. The result is a fresh leaf that does not
-// require grad, so there is no node to build and nothing to save: autograd
-// only steps aside for the backend kernel.
-at::Tensor bridge_autograd(c10::DispatchKeySet ks, const at::Tensor& t) {
-  at::AutoDispatchBelowADInplaceOrView guard;
-  return bridge_op().redispatch(ks & c10::after_ADInplaceOrView_keyset, t);
+// The backward of an attached result: grad_scale * grad, or autograd's zero
+// (an undefined gradient, None in Python) when grad_scale is 0. It saves
+// nothing, so it neither keeps t alive nor checks t's version.
+struct BridgeBackward : public torch::autograd::Node {
+  explicit BridgeBackward(double grad_scale) : grad_scale(grad_scale) {}
+
+  torch::autograd::variable_list apply(
+      torch::autograd::variable_list&& grads) override {
+    if (grad_scale == 0 || !grads[0].defined()) {
+      return {at::Tensor()};
+    }
+    return {grads[0].mul(grad_scale)};
+  }
+
+  std::string name() const override {
+    return "BridgeBackward";
+  }
+
+  const double grad_scale;
+};
+
+// Autograd holds nodes by c10::intrusive_ptr from torch 2.13 and by
+// std::shared_ptr before; Edge::function says which this torch uses.
+template <class T, class... Args>
+auto make_node(Args&&... args) {
+  using NodePtr = decltype(torch::autograd::Edge::function);
+  if constexpr (std::is_same_v<NodePtr, std::shared_ptr<torch::autograd::Node>>) {
+    return std::shared_ptr<T>(new T(std::forward<Args>(args)...));
+  } else {
+    return c10::make_intrusive<T>(std::forward<Args>(args)...);
+  }
+}
+
+// NB: one forward, a family of backwards. A cut (grad_scale 0, not attached)
+// records nothing: the result is a fresh leaf that does not require grad, so
+// there is no node to build. Otherwise the result gets a BridgeBackward node
+// with an edge to t, as generated VariableType kernels do; it is not an
+// autograd view of t (it keeps its own version counter).
+at::Tensor bridge_autograd(
+    c10::DispatchKeySet ks, const at::Tensor& t, double grad_scale, bool attach) {
+  check_grad_scale(grad_scale);
+  auto result = [&] {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return bridge_op().redispatch(
+        ks & c10::after_ADInplaceOrView_keyset, t, grad_scale, attach);
+  }();
+  if ((attach || grad_scale != 0) &&
+      torch::autograd::compute_requires_grad(t)) {
+    auto node = make_node<BridgeBackward>(grad_scale);
+    node->set_next_edges(torch::autograd::collect_next_edges(t));
+    torch::autograd::set_history(result, node);
+  }
+  return result;
 }
 
 // NB: the dispatcher's two kernel hops and profiler check cost a large share
@@ -121,35 +195,45 @@ bool dispatch_reaches_bridge_alias(const at::Tensor& t) {
 
 } // namespace
 
-at::Tensor bridge(const at::Tensor& t) {
+at::Tensor bridge(const at::Tensor& t, double grad_scale, bool attach) {
   TORCH_CHECK(t.defined(), "gradbridge::bridge(t): t is an undefined tensor");
   // Dense CPU and CUDA keys imply a strided layout, so the shortcut needs no
-  // layout check.
-  if (dispatch_reaches_bridge_alias(t)) {
+  // layout check; an attached result needs autograd.
+  if (grad_scale == 0 && !attach && dispatch_reaches_bridge_alias(t)) {
     return bridge_alias(t);
   }
   // Checked before dispatch too, so that tensor subclasses which answer ops in
   // Python (jagged nested tensors) are refused with the same message.
   check_strided(t);
-  return bridge_op().call(t);
+  check_grad_scale(grad_scale);
+  return bridge_op().call(t, grad_scale, attach);
+}
+
+bool set_strict(bool enabled) {
+  return strict_mode.exchange(enabled);
+}
+
+bool is_strict() {
+  return strict_mode.load();
 }
 
 // The schema marks the result as an alias of t, as detach's does; unlike
-// detach, no ADInplaceOrView kernel makes it an autograd view.
+// detach, no ADInplaceOrView kernel makes it an autograd view. A nonzero
+// grad_scale implies attach.
 TORCH_LIBRARY(gradbridge, m) {
-  m.def("bridge(Tensor(a) t) -> Tensor(a)");
+  m.def("bridge(Tensor(a) t, float grad_scale=0., bool attach=False) -> Tensor(a)");
 }
 
 // The kernel moves no data, so one device-generic function serves every
 // backend it is registered for; Meta gives shape-only tracing.
 TORCH_LIBRARY_IMPL(gradbridge, CPU, m) {
-  m.impl("bridge", &bridge_alias);
+  m.impl("bridge", &bridge_kernel);
 }
 TORCH_LIBRARY_IMPL(gradbridge, CUDA, m) {
-  m.impl("bridge", &bridge_alias);
+  m.impl("bridge", &bridge_kernel);
 }
 TORCH_LIBRARY_IMPL(gradbridge, Meta, m) {
-  m.impl("bridge", &bridge_alias);
+  m.impl("bridge", &bridge_kernel);
 }
 TORCH_LIBRARY_IMPL(gradbridge, CompositeExplicitAutograd, m) {
   m.impl("bridge", &bridge_unsupported);

@@ -4,9 +4,17 @@
 
 namespace gradbridge {
 
-// The gradbridge::bridge operator. Autograd, profilers, Python modes and tensor
-// subclasses see it like any other operator; a call nothing would observe goes
-// straight to the kernel (see the NB in bridge.cpp).
-at::Tensor bridge(const at::Tensor& t);
+// The gradbridge::bridge operator: a zero-copy alias of t whose backward is
+// zero (the default: a cut), grad_scale * grad (grad_scale != 0), or zero with
+// the result kept in the autograd graph (attach). Autograd, profilers, Python
+// modes and tensor subclasses see it like any other operator; a cut nothing
+// would observe goes straight to the kernel (see the NB in bridge.cpp).
+at::Tensor bridge(const at::Tensor& t, double grad_scale = 0, bool attach = false);
+
+// Strict mode: results share t's version counter, as detach()'s do, so
+// autograd raises when t is changed in place after C saved the result.
+// Process-wide. Returns the previous setting.
+bool set_strict(bool enabled);
+bool is_strict();
 
 } // namespace gradbridge

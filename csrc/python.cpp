@@ -25,35 +25,135 @@ bool has_torch_function(PyObject* obj) {
   return answer.get() == Py_True;
 }
 
+PyObject* type_error_for_tensor(PyObject* t) {
+  return PyErr_Format(
+      PyExc_TypeError,
+      "bridge(): argument 't' must be a torch.Tensor, not %s",
+      Py_TYPE(t)->tp_name);
+}
+
+// Reads bridge's options from a vectorcall: grad_scale (positional or keyword)
+// and attach (keyword only; None means attached iff grad_scale != 0).
+bool parse_options(
+    PyObject* const* args, Py_ssize_t nargs, PyObject* kwnames,
+    double& grad_scale, bool& attach) {
+  if (nargs < 1 || nargs > 2) {
+    PyErr_Format(
+        PyExc_TypeError,
+        "bridge() takes 1 or 2 positional arguments (t, grad_scale) but %zd were given",
+        nargs);
+    return false;
+  }
+  PyObject* scale = nargs == 2 ? args[1] : nullptr;
+  PyObject* attach_obj = Py_None;
+  const Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
+  for (Py_ssize_t i = 0; i < nkw; ++i) {
+    PyObject* name = PyTuple_GET_ITEM(kwnames, i);
+    PyObject* value = args[nargs + i];
+    if (PyUnicode_CompareWithASCIIString(name, "grad_scale") == 0 && !scale) {
+      scale = value;
+    } else if (PyUnicode_CompareWithASCIIString(name, "attach") == 0) {
+      attach_obj = value;
+    } else {
+      PyErr_Format(
+          PyExc_TypeError,
+          "bridge() got an unexpected or repeated keyword argument '%U'; it takes "
+          "t, grad_scale=0.0 and, by keyword, attach=None",
+          name);
+      return false;
+    }
+  }
+  grad_scale = 0;
+  if (scale) {
+    if (!PyFloat_Check(scale) && !PyLong_Check(scale)) {
+      PyErr_Format(
+          PyExc_TypeError,
+          "bridge(): argument 'grad_scale' must be a float, not %s",
+          Py_TYPE(scale)->tp_name);
+      return false;
+    }
+    grad_scale = PyFloat_AsDouble(scale);
+    if (grad_scale == -1 && PyErr_Occurred()) {
+      return false;
+    }
+  }
+  if (attach_obj == Py_None) {
+    attach = grad_scale != 0;
+  } else if (PyBool_Check(attach_obj)) {
+    attach = attach_obj == Py_True;
+    if (!attach && grad_scale != 0) {
+      PyErr_Format(
+          PyExc_ValueError,
+          "bridge(): attach=False cuts the graph, but grad_scale=%R needs it; "
+          "leave attach out",
+          scale);
+      return false;
+    }
+  } else {
+    PyErr_Format(
+        PyExc_TypeError,
+        "bridge(): argument 'attach' must be a bool or None, not %s",
+        Py_TYPE(attach_obj)->tp_name);
+    return false;
+  }
+  return true;
+}
+
 // NB: bridge sits on a model's forward path, once per step or per layer, so its
-// entry is a bare METH_O function: no argument parser and no pybind11 casters,
-// which would cost more than the alias itself.
-PyObject* bridge(PyObject* module, PyObject* t) {
+// entry is a bare vectorcall function: no argument parser and no pybind11
+// casters, which would cost more than the alias itself; bridge(t), the cut,
+// reads one argument and nothing else.
+PyObject* bridge(
+    PyObject* module, PyObject* const* args, Py_ssize_t nargs, PyObject* kwnames) {
   HANDLE_TH_ERRORS
+  double grad_scale = 0;
+  bool attach = false;
+  const bool cut = nargs == 1 && !kwnames;
+  if (!cut && !parse_options(args, nargs, kwnames, grad_scale, attach)) {
+    return nullptr;
+  }
+  PyObject* t = args[0];
   // TorchFunctionModes, Tensor subclasses and fx Proxies see bridge as they see
   // a torch function; torch.overrides picks which of them answer.
   if (has_torch_function(t)) {
+    // handle_torch_function(api, (t,), *args, **kwargs), as a vectorcall.
     auto api = THPObjectPtr(PyObject_GetAttrString(module, "bridge"));
     auto relevant = THPObjectPtr(PyTuple_Pack(1, t));
     if (!api || !relevant) {
       return nullptr;
     }
-    return PyObject_CallFunctionObjArgs(
-        handle_torch_function, api.get(), relevant.get(), t, nullptr);
+    const Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
+    std::vector<PyObject*> call{api.get(), relevant.get()};
+    call.insert(call.end(), args, args + nargs + nkw);
+    return PyObject_Vectorcall(handle_torch_function, call.data(), nargs + 2, kwnames);
   }
   if (!THPVariable_Check(t)) {
-    return PyErr_Format(
-        PyExc_TypeError,
-        "bridge(): argument 't' must be a torch.Tensor, not %s",
-        Py_TYPE(t)->tp_name);
+    return type_error_for_tensor(t);
   }
-  return THPVariable_Wrap(gradbridge::bridge(THPVariable_Unpack(t)));
+  return THPVariable_Wrap(
+      gradbridge::bridge(THPVariable_Unpack(t), grad_scale, attach));
   END_HANDLE_TH_ERRORS
+}
+
+PyObject* set_strict(PyObject* /*module*/, PyObject* enabled) {
+  HANDLE_TH_ERRORS
+  const int value = PyObject_IsTrue(enabled);
+  if (value < 0) {
+    return nullptr;
+  }
+  return PyBool_FromLong(gradbridge::set_strict(value));
+  END_HANDLE_TH_ERRORS
+}
+
+PyObject* is_strict(PyObject* /*module*/, PyObject* /*unused*/) {
+  return PyBool_FromLong(gradbridge::is_strict());
 }
 
 // The docstring is attached from Python (gradbridge_ext/__init__.py).
 PyMethodDef methods[] = {
-    {"bridge", bridge, METH_O, nullptr},
+    {"bridge", (PyCFunction)(void (*)())bridge, METH_FASTCALL | METH_KEYWORDS, nullptr},
+    {"_set_strict", set_strict, METH_O, nullptr},
+    {"_is_strict", is_strict, METH_NOARGS, nullptr},
     {nullptr, nullptr, 0, nullptr}};
 
 } // namespace

@@ -8,36 +8,55 @@ not train B or A::
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from . import _extension
 
-__all__ = ["BridgeFunction", "bridge"]
+__all__ = ["Bridge", "BridgeFunction", "bridge", "strict"]
 
 _C = _extension.load()
 
-_BRIDGE_DOC = r"""bridge(t, /)
+_BRIDGE_DOC = r"""bridge(t, /, grad_scale=0.0, *, attach=None)
 --
 
-Return an alias of ``t`` through which no gradient flows back to ``t``.
+Return an alias of ``t`` whose backward is zero, or ``grad_scale`` times the gradient.
 
-The result shares ``t``'s storage (no copy, no allocation, no kernel launch) and
-starts with its sizes, strides, storage offset, dtype, device and conj/neg bits.
-It owns its metadata, so ``resize_``, ``set_``, ``as_strided_``, ``unsqueeze_``
-... change it and never ``t``; and its own version counter, so
-in-place ops on one do not bump the other's ``_version`` (``t.detach()`` shares
-``t``'s). It is a leaf that does not require grad, not an autograd view: its
-backward is zero, so nothing computed from it sends gradient to ``t`` or to
-anything upstream of ``t``.
+The forward is the same for every setting: the result shares ``t``'s storage (no
+copy, no allocation, no kernel launch) and starts with its sizes, strides,
+storage offset, dtype, device and conj/neg bits. It owns its metadata, so
+``resize_``, ``set_``, ``as_strided_``, ``unsqueeze_`` ... change it and never
+``t``; and its own version counter, so in-place ops on one do not bump the
+other's ``_version`` (``t.detach()`` shares ``t``'s; see :func:`strict`). It is
+never an autograd view of ``t``. What differs is the backward:
+
+==================  ===========  =====================  ==========================
+call                in the graph  gradient to ``t``      use
+==================  ===========  =====================  ==========================
+``bridge(t)``       no (a leaf)   none                   independent layers, probes
+``bridge(t, s)``    yes           ``s * grad``           ``s = -lambda``: gradient
+                                                         reversal; ``0 < s < 1``:
+                                                         damped auxiliary head
+``bridge(t,         yes           none (``None``, not    hooks upstream still run,
+attach=True)``                    zeros)                 e.g. DDP with
+                                                         ``find_unused_parameters
+                                                         =False``
+==================  ===========  =====================  ==========================
+
+``grad_scale`` must be finite; ``attach=None`` means "attached if ``grad_scale``
+is not 0", and ``attach=False`` with a nonzero ``grad_scale`` is an error. An
+attached result keeps ``t``'s graph alive until backward, like any op's output.
 
 Accepts dense strided tensors on CPU, CUDA and meta, of every dtype; raises
 ``TypeError`` for non-tensors and ``NotImplementedError`` for sparse, nested,
 quantized and mkldnn tensors.
 
-Example::
+Examples::
 
     >>> import torch, gradbridge_ext
     >>> x = torch.ones(3, requires_grad=True)
@@ -48,11 +67,17 @@ Example::
     tensor([2., 2., 2.])
     >>> print(x.grad)                    # ... and nothing reaches B or A
     None
+    >>> gradbridge_ext.bridge(b, -0.5).sum().backward()   # gradient reversal
+    >>> x.grad                           # -0.5 * 2 per element
+    tensor([-1., -1., -1.])
+    >>> r = gradbridge_ext.bridge(b, attach=True)
+    >>> r.grad_fn.name(), r.requires_grad
+    ('BridgeBackward', True)
 """
 
 if TYPE_CHECKING:
 
-    def bridge(t: Tensor, /) -> Tensor: ...
+    def bridge(t: Tensor, /, grad_scale: float = 0.0, *, attach: bool | None = None) -> Tensor: ...
 
 else:
     # NB: the default path calls the compiled op directly, not BridgeFunction:
@@ -97,3 +122,92 @@ class BridgeFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> None:
         return None
+
+
+STRICT_ENV = "GRADBRIDGE_STRICT"
+
+
+@contextlib.contextmanager
+def strict(enabled: bool = True) -> Iterator[None]:
+    """While active, ``bridge``'s results share ``t``'s version counter, as ``detach()``'s do.
+
+    The one thing ``bridge`` gives up for its speed: the result keeps its own
+    version counter, so if C saved the result for its backward (a ``Linear``
+    does) and ``t`` is then changed in place, C's gradient silently uses the new
+    values. Under ``strict()`` autograd raises "modified by an inplace
+    operation" instead, exactly as with ``detach()``. It is the first thing to
+    try when results look wrong. Setting the environment variable
+    ``GRADBRIDGE_STRICT=1`` turns it on for the whole process at import.
+
+    The setting is process-wide (like ``torch.autograd.set_detect_anomaly``)
+    and applies to results made while it is on.
+
+    Example::
+
+        >>> import torch, gradbridge_ext
+        >>> b = torch.ones(2, requires_grad=True) * 1
+        >>> w = torch.ones(2, requires_grad=True)
+        >>> with gradbridge_ext.strict():
+        ...     c = gradbridge_ext.bridge(b) * w   # mul saves the bridged b for w's grad
+        >>> with torch.no_grad():
+        ...     _ = b.add_(1)                      # ... which this in-place change stales
+        >>> c.sum().backward()
+        Traceback (most recent call last):
+        ...
+        RuntimeError: one of the variables needed for gradient computation has been modified by an inplace operation...
+    """
+    previous = _C._set_strict(enabled)
+    try:
+        yield
+    finally:
+        _C._set_strict(previous)
+
+
+def _strict_from_environment() -> None:
+    value = os.environ.get(STRICT_ENV, "").strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        _C._set_strict(True)
+    elif value not in ("", "0", "false", "no", "off"):
+        raise ValueError(f"{STRICT_ENV}={os.environ[STRICT_ENV]!r}: expected 1 or 0")
+
+
+_strict_from_environment()
+
+
+class Bridge(nn.Module):
+    """:func:`bridge` as a module, for ``nn.Sequential`` and module hooks.
+
+    ``Bridge()`` cuts, ``Bridge(grad_scale=-1.0)`` reverses the gradient (a
+    gradient reversal layer), ``Bridge(attach=True)`` keeps its output in the
+    graph with a zero gradient. The arguments are checked as :func:`bridge`
+    checks them.
+
+    Example::
+
+        >>> import torch, gradbridge_ext
+        >>> head = torch.nn.Sequential(gradbridge_ext.Bridge(grad_scale=-1.0), torch.nn.Linear(4, 2))
+        >>> head[0]
+        Bridge(grad_scale=-1.0: gradient to the input times -1.0, reversed)
+    """
+
+    def __init__(self, grad_scale: float = 0.0, *, attach: bool | None = None) -> None:
+        super().__init__()
+        bridge(torch.empty(0, device="meta"), grad_scale, attach=attach)  # the same checks
+        self.grad_scale = float(grad_scale)
+        self.attach = grad_scale != 0 if attach is None else attach
+
+    def forward(self, t: Tensor) -> Tensor:
+        if not self.attach:
+            return bridge(t)  # the cut's fast path reads one argument
+        return bridge(t, self.grad_scale, attach=True)
+
+    def extra_repr(self) -> str:
+        if not self.attach:
+            return "cut: no gradient to the input"
+        if self.grad_scale == 0:
+            return "attach=True: in the graph, no gradient to the input"
+        reversed_ = ", reversed" if self.grad_scale < 0 else ""
+        return f"grad_scale={self.grad_scale}: gradient to the input times {self.grad_scale}{reversed_}"
+
+
+from . import _transforms  # noqa: E402  (bridge's rules for torch.compile and vmap)

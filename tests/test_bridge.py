@@ -485,9 +485,13 @@ def test_plain_calls_skip_the_dispatcher_only_when_nothing_would_see_it(device: 
     assert calls == []  # our kernel is back
 
 
-@pytest.mark.parametrize("documented", [gradbridge_ext.bridge, gradbridge_ext.BridgeFunction], ids=lambda f: f.__name__)
+DOCUMENTED = [gradbridge_ext.bridge, gradbridge_ext.BridgeFunction, gradbridge_ext.Bridge, gradbridge_ext.strict]
+
+
+@pytest.mark.parametrize("documented", DOCUMENTED, ids=lambda f: f.__name__)
 def test_docstring_examples_run(documented) -> None:
-    parser, runner = doctest.DocTestParser(), doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE)
+    flags = doctest.NORMALIZE_WHITESPACE | doctest.ELLIPSIS
+    parser, runner = doctest.DocTestParser(), doctest.DocTestRunner(optionflags=flags)
     test = parser.get_doctest(documented.__doc__, {}, documented.__name__, None, 0)
     assert test.examples
     runner.run(test)

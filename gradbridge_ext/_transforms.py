@@ -1,0 +1,60 @@
+"""bridge inside torch.compile and torch.func.vmap.
+
+Dynamo cannot trace into a C function, so it would break the graph at every
+bridge. ``torch.compiler.substitute_in_graph`` gives it this stand-in, written
+with ops that functionalization understands; eager calls never run it. In a
+compiled graph a cut is ``t.detach()``, whose version counter is ``t``'s (what
+:func:`gradbridge_ext.strict` gives in eager), and an attached result is an
+autograd view of ``t`` with bridge's backward.
+
+vmap has no rule for a custom operator, and its fallback refuses aliasing ops;
+bridge of a batch is the batch of bridges, so the rule bridges the batched
+tensor whole. torch.func.grad needs nothing: the operator's autograd kernel
+serves every level.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import _C
+
+
+class _AttachedBridge(torch.autograd.Function):
+    """The attached forms: identity forward, ``grad_scale * grad`` or ``None`` backward."""
+
+    @staticmethod
+    def forward(t: Tensor, grad_scale: float) -> Tensor:
+        return t.view_as(t)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Tensor, float], output: Tensor) -> None:
+        ctx.grad_scale = inputs[1]
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None]:
+        return (None if ctx.grad_scale == 0 else grad * ctx.grad_scale), None
+
+
+@torch.compiler.substitute_in_graph(_C.bridge)
+def bridge(t: Tensor, /, grad_scale: float = 0.0, *, attach: bool | None = None) -> Tensor:
+    if not math.isfinite(grad_scale):
+        raise ValueError(f"gradbridge::bridge: grad_scale must be a finite number, got {grad_scale}")
+    if attach is None:
+        attach = grad_scale != 0
+    elif not attach and grad_scale != 0:
+        raise ValueError(f"bridge(): attach=False cuts the graph, but grad_scale={grad_scale!r} needs it")
+    if not attach:
+        return t.detach()
+    return _AttachedBridge.apply(t, grad_scale)
+
+
+@torch.library.register_vmap("gradbridge::bridge")
+def _bridge_vmap(
+    info: Any, in_dims: tuple[int | None, ...], t: Tensor, grad_scale: float = 0.0, attach: bool = False
+) -> tuple[Tensor, int | None]:
+    return torch.ops.gradbridge.bridge(t, grad_scale, attach), in_dims[0]

@@ -1,0 +1,201 @@
+"""One forward, a family of backwards: grad_scale, attach, the Bridge module and strict mode."""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from gradient_reversal import GradientReversalLayer
+from pytorch_revgrad import RevGrad
+from torch import nn
+
+import gradbridge_ext
+from gradbridge_ext import Bridge, bridge
+
+from test_bridge import assert_alias
+
+SCALES = [-1.0, -0.25, 0.5, 1.0, 3]
+
+
+def upstream(device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A leaf x and B's output b = x * 2 (a non-leaf that requires grad)."""
+    x = torch.randn(5, device=device, requires_grad=True)
+    return x, x * 2
+
+
+def grad_of_x(r: torch.Tensor, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor | None:
+    (r * weights).sum().backward()
+    return x.grad
+
+
+@pytest.mark.parametrize("grad_scale", SCALES)
+def test_scaled_backward_is_grad_scale_times_the_gradient(grad_scale: float, device: str) -> None:
+    weights = torch.randn(5, device=device)
+    x, b = upstream(device)
+    result = bridge(b, grad_scale)
+    assert_alias(result, b)
+    assert result.requires_grad and result.grad_fn.name() == "BridgeBackward"
+    assert result._base is None and result._version == 0  # not a view, its own counter
+    got = grad_of_x(result, x, weights)
+    x_ref, b_ref = upstream(device)
+    with torch.no_grad():
+        x_ref.copy_(x)
+    expected = grad_of_x(b_ref * 1, x_ref, weights) * grad_scale
+    torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("grad_scale", [-1.0, -0.3, 2.0])
+def test_gradient_reversal_matches_the_pypi_references(grad_scale: float) -> None:
+    # pytorch-revgrad and torch-gradient-reversal multiply the gradient by -alpha.
+    torch.manual_seed(0)
+    trunk, head, x = nn.Linear(4, 4), nn.Linear(4, 3), torch.randn(6, 4)
+    layers = {
+        "bridge": Bridge(grad_scale=grad_scale),
+        "pytorch-revgrad": RevGrad(alpha=-grad_scale),
+        "torch-gradient-reversal": GradientReversalLayer(alpha=-grad_scale),
+    }
+    grads = {}
+    for name, layer in layers.items():
+        model = copy.deepcopy(nn.Sequential(trunk, layer, head))
+        model(x).pow(2).sum().backward()
+        grads[name] = [p.grad for p in model.parameters()]
+    for name in ("pytorch-revgrad", "torch-gradient-reversal"):
+        for got, expected in zip(grads["bridge"], grads[name], strict=True):
+            torch.testing.assert_close(got, expected)
+    assert grads["bridge"][0].abs().sum() > 0  # the trunk did receive a gradient
+
+
+def test_attached_zero_sends_none_and_still_runs_upstream_hooks(device: str) -> None:
+    fired = {}
+    for attach in (False, True):
+        x, b = upstream(device)
+        seen = []
+        b.grad_fn.register_prehook(lambda grads: seen.append(grads[0]))
+        x.register_post_accumulate_grad_hook(lambda p: seen.append(p.grad))
+        result = bridge(b, attach=attach)
+        assert_alias(result, b)
+        assert result.requires_grad is attach
+        weights = torch.ones(5, device=device, requires_grad=True)  # C's parameter
+        assert grad_of_x(result, x, weights) is None  # None, never zeros
+        fired[attach] = seen
+    assert fired == {False: [], True: [None, None]}
+
+
+def test_results_of_inputs_that_need_no_grad_stay_out_of_the_graph() -> None:
+    t = torch.ones(3)
+    for kwargs in ({}, {"grad_scale": -1.0}, {"attach": True}):
+        result = bridge(t, **kwargs)
+        assert result.grad_fn is None and not result.requires_grad
+    with torch.no_grad():
+        assert bridge(upstream("cpu")[1], -1.0).grad_fn is None
+
+
+@pytest.mark.parametrize(
+    "args, kwargs, error, match",
+    [
+        ((1.0,), {"attach": False}, ValueError, "attach=False cuts the graph"),
+        ((float("nan"),), {}, ValueError, "grad_scale must be a finite number, got nan"),
+        ((), {"grad_scale": float("-inf")}, ValueError, "finite number, got -inf"),
+        (("1",), {}, TypeError, "'grad_scale' must be a float, not str"),
+        ((), {"attach": 1}, TypeError, "'attach' must be a bool or None, not int"),
+        ((), {"scale": 1.0}, TypeError, "unexpected or repeated keyword argument 'scale'"),
+        ((1.0,), {"grad_scale": 1.0}, TypeError, "repeated keyword argument 'grad_scale'"),
+        ((1.0, True), {}, TypeError, "takes 1 or 2 positional arguments"),
+    ],
+)
+def test_bad_options_raise_naming_the_argument(args, kwargs, error, match: str) -> None:
+    t = torch.ones(2, requires_grad=True)
+    with pytest.raises(error, match=match):
+        bridge(t, *args, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs", [{"grad_scale": 1.0, "attach": False}, {"grad_scale": float("nan")},
+                                    {"grad_scale": "1"}, {"attach": 1}])  # fmt: skip
+def test_the_module_checks_its_options_as_bridge_does(kwargs: dict) -> None:
+    with pytest.raises((TypeError, ValueError)) as from_bridge:
+        bridge(torch.ones(1), **kwargs)
+    with pytest.raises(from_bridge.type, match=str(from_bridge.value).split(":")[0]):
+        Bridge(**kwargs)
+
+
+def test_every_entry_point_takes_the_options() -> None:
+    x = torch.ones(2, requires_grad=True)
+    for result in (
+        torch.ops.gradbridge.bridge(x * 1, -2.0),
+        torch.ops.gradbridge.bridge(x * 1, grad_scale=-2.0, attach=True),
+        torch.jit.script(scripted_reversal)(x * 1),
+    ):
+        x.grad = None
+        result.sum().backward()
+        assert x.grad.tolist() == [-2.0, -2.0]
+    with pytest.raises(ValueError, match="finite"):
+        torch.ops.gradbridge.bridge(x, float("inf"))
+
+
+def scripted_reversal(t: torch.Tensor) -> torch.Tensor:
+    return torch.ops.gradbridge.bridge(t, -2.0)
+
+
+def test_module_forward_repr_and_sequential() -> None:
+    assert repr(Bridge()) == "Bridge(cut: no gradient to the input)"
+    assert repr(Bridge(grad_scale=-1)) == (
+        "Bridge(grad_scale=-1.0: gradient to the input times -1.0, reversed)"
+    )
+    assert repr(Bridge(attach=True)) == "Bridge(attach=True: in the graph, no gradient to the input)"
+    x, b = upstream("cpu")
+    model = nn.Sequential(Bridge(grad_scale=0.5), nn.Identity())
+    out = model(b)
+    assert_alias(out, b)
+    out.sum().backward()
+    assert x.grad.tolist() == [1.0] * 5  # 0.5 * d(2x)/dx
+    assert not Bridge()(b).requires_grad
+
+
+def saves_through_bridge_then_mutates_t() -> torch.Tensor:
+    """C saves bridge(b) for its backward; b then changes in place before backward."""
+    b = torch.ones(3, requires_grad=True) * 1
+    w = torch.ones(3, requires_grad=True)
+    c = bridge(b) * w
+    with torch.no_grad():
+        b.add_(1)
+    c.sum().backward()
+    return w.grad
+
+
+def test_strict_mode_makes_autograd_catch_the_stale_save() -> None:
+    # Outside strict mode the new values are used silently (w.grad = b + 1) ...
+    assert saves_through_bridge_then_mutates_t().tolist() == [2.0] * 3
+    # ... in strict mode autograd raises, as it does with detach().
+    with gradbridge_ext.strict(), pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        saves_through_bridge_then_mutates_t()
+    b = torch.ones(2, requires_grad=True) * 1
+    with gradbridge_ext.strict():
+        shared = bridge(b)
+        with gradbridge_ext.strict(False):
+            own = bridge(b)
+    b.data.add_(1)  # .data bumps neither counter; add_ on b does
+    with torch.no_grad():
+        b.add_(1)
+    assert shared._version == b._version == 1 and own._version == 0
+    assert_alias(shared, b)
+    assert not gradbridge_ext._C._is_strict()
+
+
+@pytest.mark.parametrize("value, strict", [("1", True), ("0", False), ("", False), ("yes", True)])
+def test_strict_mode_from_the_environment(value: str, strict: bool) -> None:
+    env = dict(os.environ, GRADBRIDGE_STRICT=value)
+    probe = "import gradbridge_ext; print(gradbridge_ext._C._is_strict())"
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == str(strict)
+
+
+def test_strict_mode_refuses_a_value_it_does_not_know() -> None:
+    env = dict(os.environ, GRADBRIDGE_STRICT="sometimes")
+    out = subprocess.run([sys.executable, "-c", "import gradbridge_ext"], env=env,
+                         capture_output=True, text=True)  # fmt: skip
+    assert out.returncode != 0 and "GRADBRIDGE_STRICT='sometimes': expected 1 or 0" in out.stderr
