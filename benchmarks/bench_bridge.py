@@ -34,7 +34,7 @@ from torch.profiler import ProfilerActivity, profile
 import gradbridge_ext
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SECTIONS = ("latency", "memory", "training")
+SECTIONS = ("latency", "memory", "training", "attached")
 UNITS = {"B": 1, "KB": 2**10, "MB": 2**20, "GB": 2**30}
 SIZES = {
     "cpu": "4B,64B,1KB,16KB,256KB,4MB,64MB,256MB",
@@ -303,7 +303,8 @@ def bench_memory(device: str, sizes: list[int]) -> list[dict]:
 # ----------------------------------------------------------------------- training
 
 
-CUTS = {"no cut": "t", **METHODS}
+# The attached zero keeps B's graph alive until backward; training measures what that costs.
+CUTS = {"no cut": "t", **METHODS, "bridge, attach=True": "bridge(t, attach=True)"}
 MODES = {0: "loss on B", 1: "loss on C", 2: "loss on B + C"}
 
 
@@ -409,6 +410,86 @@ def cpu_allocations(events: list) -> tuple[int, int]:
         allocated += max(0, change)
         peak = max(peak, running)
     return allocated, peak
+
+
+# ------------------------------------------------------------------- attached forms
+
+
+def reversal_layers() -> dict[str, str]:
+    """Gradient reversal as bridge and as the PyPI layers it replaces, where installed."""
+    layers = {"bridge(t, -1.0)": "bridge(t, -1.0)", "Bridge(-1.0)": "reverse(t)"}
+    NAMESPACE["reverse"] = gradbridge_ext.Bridge(grad_scale=-1.0)
+    try:
+        from pytorch_revgrad import RevGrad
+
+        NAMESPACE["revgrad"] = RevGrad(alpha=1.0)
+        layers["pytorch-revgrad"] = "revgrad(t)"
+    except ImportError:
+        progress("pytorch-revgrad is not installed: left out")
+    try:
+        from gradient_reversal import GradientReversalLayer
+
+        NAMESPACE["grl"] = GradientReversalLayer(alpha=1.0)
+        layers["torch-gradient-reversal"] = "grl(t)"
+    except ImportError:
+        progress("torch-gradient-reversal is not installed: left out")
+    layers["bridge(t, attach=True)"] = "bridge(t, attach=True)"
+    return layers
+
+
+def bench_attached(device: str, sizes: list[int], config: Config) -> list[dict]:
+    """Forward, and forward + backward, per call of the attached forms, on a leaf that requires grad."""
+    layers = reversal_layers()
+    baseline = "bridge(t, -1.0)"
+    cases = [sizes[0], sizes[-1]]
+    timers = {}
+    for nbytes in cases:
+        t = torch.randn(max(1, nbytes // 4), device=device, requires_grad=True)
+        namespace = dict(NAMESPACE, t=t, g=torch.ones_like(t), backward=torch.autograd.backward)
+        for name, stmt in layers.items():
+            timers[(nbytes, "forward", name)] = timeit.Timer(stmt, globals=namespace)
+            # Gradients accumulate into t.grad in place after the first call.
+            timers[(nbytes, "forward + backward", name)] = timeit.Timer(
+                f"backward({stmt}, g)", globals=namespace
+            )
+
+    def block(key: tuple, number: int) -> float:
+        synchronize(device)
+        start = time.perf_counter()
+        timers[key].timeit(number)
+        synchronize(device)
+        return (time.perf_counter() - start) / number
+
+    numbers = {key: calls_per_block(block, key, config.block_s) for key in timers}
+    samples: dict[tuple, list[float]] = {key: [] for key in timers}
+    groups = sorted({key[:2] for key in timers})
+    for repeat in range(config.repeats):
+        for group in random.sample(groups, len(groups)):
+            for name in random.sample(list(layers), len(layers)):
+                key = (*group, name)
+                samples[key].append(block(key, numbers[key]) * 1e9)
+        progress(f"attached {device}: repeat {repeat + 1}/{config.repeats}")
+    rows = []
+    for (nbytes, phase, name), ns in samples.items():
+        q1, median, q3 = quartiles(ns)
+        rows.append({
+            "size_bytes": nbytes, "phase": phase, "method": name, "median_ns": median,
+            "q1_ns": q1, "q3_ns": q3, "samples_ns": ns,
+            "ratio_to_bridge": paired_ratio(ns, samples[(nbytes, phase, baseline)]),
+        })  # fmt: skip
+    return rows
+
+
+def attached_table(results: dict) -> str:
+    rows = results["attached"]
+    keys = sorted({(r["phase"], r["size_bytes"]) for r in rows}, key=lambda k: (k[0] != "forward", k[1]))
+    by = {(r["phase"], r["size_bytes"], r["method"]): r for r in rows}
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    return table(
+        ["method"] + [f"{phase}, {format_size(size)}" for phase, size in keys],
+        [[name] + [f"{format_ns(by[(*k, name)]['median_ns'])} ({by[(*k, name)]['ratio_to_bridge']:.2f})"
+                   for k in keys] for name in methods],
+    )  # fmt: skip
 
 
 # ------------------------------------------------------------------------- report
@@ -541,6 +622,12 @@ def report(results: dict) -> str:
               f"{r['peak_bytes'] / 2**20:.1f} MiB ({r['peak_ratio_to_detach']:.3f})",
               f"{r['final_loss']:.6f}"] for r in training],
         ))  # fmt: skip
+    if results.get("attached"):
+        parts.append(
+            "\n### Attached forms per call, input a leaf that requires grad "
+            "(median, and ratio to bridge(t, -1.0))\n"
+        )
+        parts.append(attached_table(results))
     bars = results.get("bars", [])
     if bars:
         quick = " (a --quick run: too few repeats to decide them)" if results.get("quick") else ""
@@ -568,7 +655,7 @@ def summary(results: dict) -> str:
         return f"{format_ns(r['median_ns'])} ({format_ratio(r['ratio_to_detach'])})"
 
     rows = []
-    for name in CUTS:
+    for name in [m for m in CUTS if (0, m) in training]:  # older results lack newer rows
         measured = name in METHODS
         row = [name if name != "bridge" else "**bridge**"]
         row += [per_call(small, name), per_call(large, name)] if measured else ["", ""]
@@ -596,7 +683,13 @@ def summary(results: dict) -> str:
         table(header, rows),
         "",
         bars,
-    ])  # fmt: skip
+    ] + ([
+        "",
+        "Attached forms: time per call from Python (median, and ratio to `bridge(t, -1.0)`), on a "
+        "leaf that requires grad; forward + backward runs `torch.autograd.backward` on the result.",
+        "",
+        attached_table(results),
+    ] if results.get("attached") else []))  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -634,6 +727,7 @@ def main(argv: list[str] | None = None) -> None:
             "latency": lambda: bench_latency(device, sizes, config),
             "memory": lambda: bench_memory(device, sizes),
             "training": lambda: bench_training(device, config),
+            "attached": lambda: bench_attached(device, sizes, config),
         }
         for section in sections:
             try:

@@ -429,6 +429,10 @@ def test_torch_function_modes_and_fx_see_bridge() -> None:
     assert not traced(x).requires_grad
 
 
+@pytest.mark.skipif(
+    not hasattr(torch.overrides, "redispatch_function"),
+    reason="torch.overrides.redispatch_function is not in this torch",
+)
 def test_redispatch_and_not_implemented_behave_as_for_torch_functions() -> None:
     class Redispatch(TorchFunctionMode):
         def __torch_function__(self, func, types, args=(), kwargs=None):
