@@ -397,13 +397,23 @@ class Tagged(torch.Tensor):
     """A Tensor subclass with torch's default __torch_function__."""
 
 
-@pytest.mark.parametrize("entry", ENTRY_POINTS)
+ATTACHED_FORMS = {
+    "grad_scale": lambda t: bridge(t, -1.0),
+    "attach": lambda t: bridge(t, attach=True),
+    "torch.ops grad_scale": lambda t: torch.ops.gradbridge.bridge(t, -1.0),
+}
+
+
+@pytest.mark.parametrize("entry", [*ENTRY_POINTS, *ATTACHED_FORMS])
 @pytest.mark.parametrize("kind", ["subclass", "parameter"])
 def test_result_type_follows_detach(entry: str, kind: str) -> None:
     t = torch.ones(2).as_subclass(Tagged) if kind == "subclass" else nn.Parameter(torch.ones(2))
-    result = ENTRY_POINTS[entry](t)
+    result = {**ENTRY_POINTS, **ATTACHED_FORMS}[entry](t)
     assert type(result) is type(t.detach())
     assert_alias(result, t)
+    if entry in ATTACHED_FORMS and kind == "parameter":
+        result.sum().backward()
+        assert t.grad is None if entry == "attach" else t.grad.tolist() == [-1.0, -1.0]
 
 
 def test_torch_function_modes_and_fx_see_bridge() -> None:
