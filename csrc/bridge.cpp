@@ -32,8 +32,9 @@ std::atomic<bool> strict_mode{false};
 //     result and never t;
 //   - its version counter (detach() shares t's): an in-place op on one side
 //     does not bump the other's _version. Inference tensors keep none at all.
-//     In strict mode it shares t's, so autograd catches an in-place change of
-//     t that C saved through the result, as it would with detach();
+//     In strict mode, and for results kept in the graph (bridge_autograd), it
+//     shares t's, so autograd catches an in-place change of t that C saved
+//     through the result, as it would with detach();
 //   - no autograd meta: a leaf that does not require grad and is no view, so a
 //     loss computed through it sends no gradient to t.
 // shallow_copy_and_detach is virtual, so a TensorImpl subclass copies itself.
@@ -47,15 +48,16 @@ at::Tensor bridge_alias(const at::Tensor& t) {
   return at::Tensor(std::move(impl));
 }
 
-// The forward is the same for every backward.
-at::Tensor bridge_kernel(const at::Tensor& t, double /*grad_scale*/, bool /*attach*/) {
-  return bridge_alias(t);
-}
-
 void check_grad_scale(double grad_scale) {
   TORCH_CHECK_VALUE(
       std::isfinite(grad_scale),
       "gradbridge::bridge: grad_scale must be a finite number, got ", grad_scale);
+}
+
+// The forward is the same for every backward.
+at::Tensor bridge_kernel(const at::Tensor& t, double grad_scale, bool /*attach*/) {
+  check_grad_scale(grad_scale);
+  return bridge_alias(t);
 }
 
 // How Python spells a layout, for error messages.
@@ -119,7 +121,7 @@ struct BridgeBackward : public torch::autograd::Node {
     if (grad_scale == 0 || !grads[0].defined()) {
       return {at::Tensor()};
     }
-    return {grads[0].mul(grad_scale)};
+    return {grad_scale == 1 ? grads[0] : grads[0].mul(grad_scale)};
   }
 
   std::string name() const override {
@@ -143,19 +145,30 @@ auto make_node(Args&&... args) {
 
 // NB: one forward, a family of backwards. A cut (grad_scale 0, not attached)
 // records nothing: the result is a fresh leaf that does not require grad, so
-// there is no node to build. Otherwise the result gets a BridgeBackward node
-// with an edge to t, as generated VariableType kernels do; it is not an
-// autograd view of t (it keeps its own version counter).
+// there is no node to build. Otherwise the result stays in the graph: it gets
+// a BridgeBackward node with an edge to t, as generated VariableType kernels
+// build theirs, and shares t's version counter, so an in-place op on either
+// is seen by whatever saved the other (the view that gradient reversal layers
+// return behaves the same). Its backward is not a derivative of the forward,
+// so forward-mode AD through it is refused rather than silently wrong.
 at::Tensor bridge_autograd(
     c10::DispatchKeySet ks, const at::Tensor& t, double grad_scale, bool attach) {
   check_grad_scale(grad_scale);
+  const bool attached = attach || grad_scale != 0;
+  TORCH_CHECK_NOT_IMPLEMENTED(
+      !attached || !torch::autograd::isFwGradDefined(t),
+      "gradbridge::bridge: forward-mode AD is not supported with grad_scale or "
+      "attach; the cut, bridge(t), drops the tangent as detach() does.");
   auto result = [&] {
     at::AutoDispatchBelowADInplaceOrView guard;
     return bridge_op().redispatch(
         ks & c10::after_ADInplaceOrView_keyset, t, grad_scale, attach);
   }();
-  if ((attach || grad_scale != 0) &&
-      torch::autograd::compute_requires_grad(t)) {
+  if (attached && !t.is_inference()) {
+    result.unsafeGetTensorImpl()->set_version_counter(
+        t.unsafeGetTensorImpl()->version_counter());
+  }
+  if (attached && torch::autograd::compute_requires_grad(t)) {
     auto node = make_node<BridgeBackward>(grad_scale);
     node->set_next_edges(torch::autograd::collect_next_edges(t));
     torch::autograd::set_history(result, node);

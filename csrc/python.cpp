@@ -37,7 +37,12 @@ PyObject* type_error_for_tensor(PyObject* t) {
 bool parse_options(
     PyObject* const* args, Py_ssize_t nargs, PyObject* kwnames,
     double& grad_scale, bool& attach) {
-  if (nargs < 1 || nargs > 2) {
+  if (nargs == 0) {
+    PyErr_SetString(
+        PyExc_TypeError, "bridge() missing its first argument t (positional only)");
+    return false;
+  }
+  if (nargs > 2) {
     PyErr_Format(
         PyExc_TypeError,
         "bridge() takes 1 or 2 positional arguments (t, grad_scale) but %zd were given",
@@ -65,15 +70,16 @@ bool parse_options(
   }
   grad_scale = 0;
   if (scale) {
-    if (!PyFloat_Check(scale) && !PyLong_Check(scale)) {
+    // A bool is most likely meant for attach; anything with __float__ (numpy
+    // scalars, 0-dim tensors) is a number.
+    grad_scale = PyBool_Check(scale) ? -1 : PyFloat_AsDouble(scale);
+    if (PyBool_Check(scale) || (grad_scale == -1 && PyErr_Occurred())) {
+      PyErr_Clear();
       PyErr_Format(
           PyExc_TypeError,
-          "bridge(): argument 'grad_scale' must be a float, not %s",
-          Py_TYPE(scale)->tp_name);
-      return false;
-    }
-    grad_scale = PyFloat_AsDouble(scale);
-    if (grad_scale == -1 && PyErr_Occurred()) {
+          "bridge(): argument 'grad_scale' must be a number, not %s%s",
+          Py_TYPE(scale)->tp_name,
+          PyBool_Check(scale) ? " (attach=True is a keyword argument)" : "");
       return false;
     }
   }

@@ -31,9 +31,10 @@ The forward is the same for every setting: the result shares ``t``'s storage (no
 copy, no allocation, no kernel launch) and starts with its sizes, strides,
 storage offset, dtype, device and conj/neg bits. It owns its metadata, so
 ``resize_``, ``set_``, ``as_strided_``, ``unsqueeze_`` ... change it and never
-``t``; and its own version counter, so in-place ops on one do not bump the
-other's ``_version`` (``t.detach()`` shares ``t``'s; see :func:`strict`). It is
-never an autograd view of ``t``. What differs is the backward:
+``t``. A cut also owns its version counter, so in-place ops on one do not bump
+the other's ``_version`` (``t.detach()`` shares ``t``'s; see :func:`strict`); a
+result kept in the graph shares ``t``'s, as a gradient reversal layer's view
+does. It is never an autograd view of ``t``. What differs is the backward:
 
 ==================  ===========  =====================  ==========================
 call                in the graph  gradient to ``t``      use
@@ -48,9 +49,11 @@ attach=True)``                    zeros)                 e.g. DDP with
                                                          =False``
 ==================  ===========  =====================  ==========================
 
-``grad_scale`` must be finite; ``attach=None`` means "attached if ``grad_scale``
-is not 0", and ``attach=False`` with a nonzero ``grad_scale`` is an error. An
-attached result keeps ``t``'s graph alive until backward, like any op's output.
+``grad_scale`` must be a finite number (not a bool); ``attach=None`` means
+"attached if ``grad_scale`` is not 0", and ``attach=False`` with a nonzero
+``grad_scale`` is an error. An attached result keeps ``t``'s graph alive until
+backward, like any op's output, and refuses forward-mode AD (its backward is
+not a derivative of its forward); a cut drops the tangent, as ``detach()`` does.
 
 Accepts dense strided tensors on CPU, CUDA and meta, of every dtype; raises
 ``TypeError`` for non-tensors and ``NotImplementedError`` for sparse, nested,
@@ -140,7 +143,9 @@ def strict(enabled: bool = True) -> Iterator[None]:
     ``GRADBRIDGE_STRICT=1`` turns it on for the whole process at import.
 
     The setting is process-wide (like ``torch.autograd.set_detect_anomaly``)
-    and applies to results made while it is on.
+    and applies to results made while it is on. Entering and leaving it from
+    several threads at once is not supported: each exit restores the setting
+    its own entry saw.
 
     Example::
 

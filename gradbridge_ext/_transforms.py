@@ -16,6 +16,7 @@ serves every level.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 import torch
@@ -42,6 +43,11 @@ class _AttachedBridge(torch.autograd.Function):
 
 @torch.compiler.substitute_in_graph(_C.bridge)
 def bridge(t: Tensor, /, grad_scale: float = 0.0, *, attach: bool | None = None) -> Tensor:
+    # The same checks as the eager entry (csrc/python.cpp), at trace time.
+    if isinstance(grad_scale, bool) or not isinstance(grad_scale, numbers.Real):
+        raise TypeError(f"bridge(): argument 'grad_scale' must be a number, not {type(grad_scale).__name__}")
+    if attach is not None and not isinstance(attach, bool):
+        raise TypeError(f"bridge(): argument 'attach' must be a bool or None, not {type(attach).__name__}")
     if not math.isfinite(grad_scale):
         raise ValueError(f"gradbridge::bridge: grad_scale must be a finite number, got {grad_scale}")
     if attach is None:
