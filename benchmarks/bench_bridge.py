@@ -205,20 +205,19 @@ def ratio_interval(samples: list[float], baseline: list[float]) -> tuple[float, 
     return medians[25], medians[974]
 
 
-def bench_latency(device: str, sizes: list[int], config: Config) -> list[dict]:
-    # Every (size, grad, method) is timed once per repeat: the cases in shuffled
-    # order, so drift over the run moves every size alike, and within a case the
-    # methods back to back in shuffled order, so each ratio compares blocks
-    # timed moments apart.
-    cases = [(nbytes, requires_grad) for nbytes in sizes for requires_grad in (True, False)]
-    timers = {}
-    for case in cases:
-        namespace = dict(NAMESPACE, t=make_input(*case, device))
-        for name, stmt in METHODS.items():
-            timers[(*case, name)] = timeit.Timer(stmt, globals=namespace)
+def time_interleaved(
+    timers: dict[tuple, timeit.Timer], groups: list[tuple], names: list[str],
+    device: str, config: Config, label: str,
+) -> tuple[dict[tuple, list[float]], dict[tuple, int]]:
+    """Nanoseconds per call for each (*group, name) timer, one block per repeat, and calls per block.
+
+    The groups run in shuffled order each repeat, so drift over the run moves
+    them alike, and a group's methods back to back in shuffled order, so each
+    paired ratio compares blocks timed moments apart.
+    """
 
     def block(key: tuple, number: int) -> float:
-        # The sync puts the set_ trick's fill kernels inside the time on CUDA.
+        # The sync puts CUDA kernels (the set_ trick's fill) inside the time.
         synchronize(device)
         start = time.perf_counter()
         timers[key].timeit(number)
@@ -228,11 +227,23 @@ def bench_latency(device: str, sizes: list[int], config: Config) -> list[dict]:
     numbers = {key: calls_per_block(block, key, config.block_s) for key in timers}
     samples: dict[tuple, list[float]] = {key: [] for key in timers}
     for repeat in range(config.repeats):
-        for case in random.sample(cases, len(cases)):
-            for name in random.sample(list(METHODS), len(METHODS)):
-                key = (*case, name)
+        for group in random.sample(groups, len(groups)):
+            for name in random.sample(names, len(names)):
+                key = (*group, name)
                 samples[key].append(block(key, numbers[key]) * 1e9)
-        progress(f"latency {device}: repeat {repeat + 1}/{config.repeats}")
+        progress(f"{label} {device}: repeat {repeat + 1}/{config.repeats}")
+    return samples, numbers
+
+
+def bench_latency(device: str, sizes: list[int], config: Config) -> list[dict]:
+    cases = [(nbytes, requires_grad) for nbytes in sizes for requires_grad in (True, False)]
+    timers = {}
+    for case in cases:
+        namespace = dict(NAMESPACE, t=make_input(*case, device))
+        for name, stmt in METHODS.items():
+            timers[(*case, name)] = timeit.Timer(stmt, globals=namespace)
+
+    samples, numbers = time_interleaved(timers, cases, list(METHODS), device, config, "latency")
     rows = []
     for (nbytes, requires_grad, name), ns in samples.items():
         q1, median, q3 = quartiles(ns)
@@ -453,22 +464,8 @@ def bench_attached(device: str, sizes: list[int], config: Config) -> list[dict]:
                 f"backward({stmt}, g)", globals=namespace
             )
 
-    def block(key: tuple, number: int) -> float:
-        synchronize(device)
-        start = time.perf_counter()
-        timers[key].timeit(number)
-        synchronize(device)
-        return (time.perf_counter() - start) / number
-
-    numbers = {key: calls_per_block(block, key, config.block_s) for key in timers}
-    samples: dict[tuple, list[float]] = {key: [] for key in timers}
     groups = sorted({key[:2] for key in timers})
-    for repeat in range(config.repeats):
-        for group in random.sample(groups, len(groups)):
-            for name in random.sample(list(layers), len(layers)):
-                key = (*group, name)
-                samples[key].append(block(key, numbers[key]) * 1e9)
-        progress(f"attached {device}: repeat {repeat + 1}/{config.repeats}")
+    samples, _ = time_interleaved(timers, groups, list(layers), device, config, "attached")
     rows = []
     for (nbytes, phase, name), ns in samples.items():
         q1, median, q3 = quartiles(ns)
