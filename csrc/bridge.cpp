@@ -218,7 +218,6 @@ at::Tensor bridge(const at::Tensor& t, double grad_scale, bool attach) {
   // Checked before dispatch too, so that tensor subclasses which answer ops in
   // Python (jagged nested tensors) are refused with the same message.
   check_strided(t);
-  check_grad_scale(grad_scale);
   return bridge_op().call(t, grad_scale, attach);
 }
 

@@ -72,14 +72,15 @@ bool parse_options(
   if (scale) {
     // A bool is most likely meant for attach; anything with __float__ (numpy
     // scalars, 0-dim tensors) is a number.
-    grad_scale = PyBool_Check(scale) ? -1 : PyFloat_AsDouble(scale);
-    if (PyBool_Check(scale) || (grad_scale == -1 && PyErr_Occurred())) {
+    const bool is_bool = PyBool_Check(scale);
+    grad_scale = is_bool ? 0 : PyFloat_AsDouble(scale);
+    if (is_bool || (grad_scale == -1 && PyErr_Occurred())) {
       PyErr_Clear();
       PyErr_Format(
           PyExc_TypeError,
           "bridge(): argument 'grad_scale' must be a number, not %s%s",
           Py_TYPE(scale)->tp_name,
-          PyBool_Check(scale) ? " (attach=True is a keyword argument)" : "");
+          is_bool ? " (attach=True is a keyword argument)" : "");
       return false;
     }
   }
