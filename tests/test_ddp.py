@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import faulthandler
+import os
+import socket
+import sys
+import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -16,6 +22,11 @@ from gradbridge_ext import Bridge
 
 WORLD = 2
 STEPS = 2  # DDP reports parameters that got no gradient hook at the next step
+# A stuck collective must fail its test, not stall the suite: gloo gives up after
+# COLLECTIVE_TIMEOUT; a rank still alive at RANK_DEADLINE_S prints its stack and
+# exits; the parent stops waiting a minute later.
+COLLECTIVE_TIMEOUT = timedelta(seconds=60)
+RANK_DEADLINE_S = 180
 
 
 class ABC(nn.Module):
@@ -50,7 +61,14 @@ def train(model: nn.Module, mode: int, shard: slice) -> None:
 
 
 def worker(rank: int, init: str, out: str, mode: int, cut_kwargs: dict) -> None:
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=WORLD)
+    faulthandler.dump_traceback_later(RANK_DEADLINE_S, exit=True)
+    torch.set_num_threads(1)  # two ranks share a 2-core CI machine
+    # Loopback, whatever the host name resolves to on the machine running the tests.
+    if "lo" in {name for _, name in socket.if_nameindex()}:
+        os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    dist.init_process_group(
+        "gloo", init_method=init, rank=rank, world_size=WORLD, timeout=COLLECTIVE_TIMEOUT
+    )
     try:
         model = ABC(Bridge(**cut_kwargs))
         ddp = DistributedDataParallel(model, find_unused_parameters=False)
@@ -63,6 +81,15 @@ def worker(rank: int, init: str, out: str, mode: int, cut_kwargs: dict) -> None:
         torch.save(result, Path(out) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+    # Leave without destructors. On torch 2.13 a rank can hang freeing DDP: the
+    # Reducer's last reference drops the gloo group under the GIL, and its dtor
+    # joins a worker thread that is freeing an allreduce whose captured
+    # thread-local state holds a Python object (the context every backward
+    # stashes), which needs the GIL. Seen once in about seven runs, with or
+    # without gradbridge_ext.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 class _Forwarding(nn.Module):
@@ -78,7 +105,13 @@ class _Forwarding(nn.Module):
 
 def run_ddp(tmp_path: Path, mode: int, **cut_kwargs) -> list[dict]:
     init = f"file://{tmp_path / 'rendezvous'}"
-    mp.spawn(worker, args=(init, str(tmp_path), mode, cut_kwargs), nprocs=WORLD, join=True)
+    ranks = mp.spawn(worker, args=(init, str(tmp_path), mode, cut_kwargs), nprocs=WORLD, join=False)
+    deadline = time.monotonic() + RANK_DEADLINE_S + 60
+    while not ranks.join(timeout=1.0):  # raises if a rank failed
+        if time.monotonic() > deadline:
+            for process in ranks.processes:
+                process.kill()
+            pytest.fail(f"the DDP ranks did not finish in {RANK_DEADLINE_S + 60} s")
     return [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
 
 
