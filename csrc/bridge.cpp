@@ -32,15 +32,16 @@ std::atomic<bool> strict_mode{false};
 //     result and never t;
 //   - its version counter (detach() shares t's): an in-place op on one side
 //     does not bump the other's _version. Inference tensors keep none at all.
-//     In strict mode, and for results kept in the graph (bridge_autograd), it
-//     shares t's, so autograd catches an in-place change of t that C saved
-//     through the result, as it would with detach();
+//     In strict mode, and for the settings that keep the result in the graph
+//     (whether or not this call records a node), it shares t's, so autograd
+//     catches an in-place change of t that C saved through the result, as it
+//     would with detach();
 //   - no autograd meta: a leaf that does not require grad and is no view, so a
 //     loss computed through it sends no gradient to t.
 // shallow_copy_and_detach is virtual, so a TensorImpl subclass copies itself.
-at::Tensor bridge_alias(const at::Tensor& t) {
+at::Tensor bridge_alias(const at::Tensor& t, bool attached) {
   auto version = t.is_inference() ? c10::VariableVersion()
-      : strict_mode.load(std::memory_order_relaxed)
+      : attached || strict_mode.load(std::memory_order_relaxed)
       ? t.unsafeGetTensorImpl()->version_counter()
       : c10::VariableVersion(/*version=*/0);
   auto impl = t.unsafeGetTensorImpl()->shallow_copy_and_detach(
@@ -55,9 +56,9 @@ void check_grad_scale(double grad_scale) {
 }
 
 // The forward is the same for every backward.
-at::Tensor bridge_kernel(const at::Tensor& t, double grad_scale, bool /*attach*/) {
+at::Tensor bridge_kernel(const at::Tensor& t, double grad_scale, bool attach) {
   check_grad_scale(grad_scale);
-  return bridge_alias(t);
+  return bridge_alias(t, /*attached=*/attach || grad_scale != 0);
 }
 
 // How Python spells a layout, for error messages.
@@ -74,9 +75,16 @@ const char* layout_name(at::Layout layout) {
   }
 }
 
+// torch.ops passes None for a Tensor argument as an undefined tensor, which
+// dispatches to the CompositeExplicitAutograd kernel below.
+void check_defined(const at::Tensor& t) {
+  TORCH_CHECK(t.defined(), "gradbridge::bridge(t): expected a tensor, got None (an undefined tensor)");
+}
+
 // Sparse, nested, quantized and mkldnn tensors have no one strided storage for
 // an alias to share; say so by name rather than failing somewhere deeper.
 void check_strided(const at::Tensor& t) {
+  check_defined(t);
   if (t.layout() == at::kStrided && !t.is_nested() && !t.is_quantized()) {
     return;
   }
@@ -147,9 +155,9 @@ auto make_node(Args&&... args) {
 // records nothing: the result is a fresh leaf that does not require grad, so
 // there is no node to build. Otherwise the result stays in the graph: it gets
 // a BridgeBackward node with an edge to t, as generated VariableType kernels
-// build theirs, and shares t's version counter, so an in-place op on either
-// is seen by whatever saved the other (the view that gradient reversal layers
-// return behaves the same). Its backward is not a derivative of the forward,
+// build theirs; the kernel gave it t's version counter, so an in-place op on
+// either is seen by whatever saved the other (the view that gradient reversal
+// layers return behaves the same). Its backward is not a derivative of the forward,
 // so forward-mode AD through it is refused rather than silently wrong.
 at::Tensor bridge_autograd(
     c10::DispatchKeySet ks, const at::Tensor& t, double grad_scale, bool attach) {
@@ -164,10 +172,6 @@ at::Tensor bridge_autograd(
     return bridge_op().redispatch(
         ks & c10::after_ADInplaceOrView_keyset, t, grad_scale, attach);
   }();
-  if (attached && !t.is_inference()) {
-    result.unsafeGetTensorImpl()->set_version_counter(
-        t.unsafeGetTensorImpl()->version_counter());
-  }
   if (attached && torch::autograd::compute_requires_grad(t)) {
     auto node = make_node<BridgeBackward>(grad_scale);
     node->set_next_edges(torch::autograd::collect_next_edges(t));
@@ -209,11 +213,11 @@ bool dispatch_reaches_bridge_alias(const at::Tensor& t) {
 } // namespace
 
 at::Tensor bridge(const at::Tensor& t, double grad_scale, bool attach) {
-  TORCH_CHECK(t.defined(), "gradbridge::bridge(t): t is an undefined tensor");
+  check_defined(t);
   // Dense CPU and CUDA keys imply a strided layout, so the shortcut needs no
   // layout check; an attached result needs autograd.
   if (grad_scale == 0 && !attach && dispatch_reaches_bridge_alias(t)) {
-    return bridge_alias(t);
+    return bridge_alias(t, /*attached=*/false);
   }
   // Checked before dispatch too, so that tensor subclasses which answer ops in
   // Python (jagged nested tensors) are refused with the same message.

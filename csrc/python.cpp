@@ -1,5 +1,6 @@
 // The Python entry point: gradbridge_ext._C.bridge.
 
+#include <ATen/PythonTorchFunctionTLS.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/extension.h>
@@ -23,6 +24,14 @@ bool has_torch_function(PyObject* obj) {
     throw python_error();
   }
   return answer.get() == Py_True;
+}
+
+// torch's check also answers yes for a class that defines __torch_function__,
+// torch.Tensor itself included, although no override applies to a class passed
+// as an argument; unless a mode is on, refuse it as any other non-tensor.
+bool defers_to_torch_function(PyObject* obj) {
+  return has_torch_function(obj) &&
+      (!PyType_Check(obj) || at::impl::torch_function_mode_enabled());
 }
 
 PyObject* type_error_for_tensor(PyObject* t) {
@@ -122,7 +131,7 @@ PyObject* bridge(
   PyObject* t = args[0];
   // TorchFunctionModes, Tensor subclasses and fx Proxies see bridge as they see
   // a torch function; torch.overrides picks which of them answer.
-  if (has_torch_function(t)) {
+  if (defers_to_torch_function(t)) {
     // handle_torch_function(api, (t,), *args, **kwargs), as a vectorcall.
     auto api = THPObjectPtr(PyObject_GetAttrString(module, "bridge"));
     auto relevant = THPObjectPtr(PyTuple_Pack(1, t));

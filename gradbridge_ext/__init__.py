@@ -32,9 +32,9 @@ copy, no allocation, no kernel launch) and starts with its sizes, strides,
 storage offset, dtype, device and conj/neg bits. It owns its metadata, so
 ``resize_``, ``set_``, ``as_strided_``, ``unsqueeze_`` ... change it and never
 ``t``. A cut also owns its version counter, so in-place ops on one do not bump
-the other's ``_version`` (``t.detach()`` shares ``t``'s; see :func:`strict`); a
-result kept in the graph shares ``t``'s, as a gradient reversal layer's view
-does. It is never an autograd view of ``t``. What differs is the backward:
+the other's ``_version`` (``t.detach()`` shares ``t``'s; see :func:`strict`); the
+settings that keep the result in the graph share ``t``'s, as a gradient reversal
+layer's view does, in every grad mode. It is never an autograd view of ``t``. What differs is the backward:
 
 ==================  ===========  =====================  ==========================
 call                in the graph  gradient to ``t``      use
