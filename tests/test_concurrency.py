@@ -1,0 +1,154 @@
+"""bridge from many threads at once, and across CUDA streams, behaves as it does alone."""
+
+from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+from torch import nn
+
+import gradbridge_ext
+from gradbridge_ext import bridge
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+THREADS = 8
+STEPS = 30
+
+
+def run_in_threads(work, count: int = THREADS) -> list:
+    """work(index, barrier) in `count` threads; the barrier makes them start together."""
+    barrier = threading.Barrier(count, timeout=60)
+    with ThreadPoolExecutor(count) as pool:
+        return list(pool.map(lambda i: work(i, barrier), range(count)))
+
+
+def cut_for(index: int):
+    """Thread `index`'s bridge: a cut, an attach, or a reversal whose scale is the thread's own."""
+    kind = index % 3
+    if kind == 0:
+        return bridge
+    if kind == 1:
+        return lambda b: bridge(b, attach=True)
+    return lambda b: bridge(b, -(index + 1) / THREADS)
+
+
+def train(index: int, barrier: threading.Barrier | None = None) -> dict[str, torch.Tensor]:
+    """A -> B -> C trained on loss_b + loss_c, C fed through thread `index`'s bridge."""
+    # A generator per index, not the global seed, which threads share.
+    generator = torch.Generator().manual_seed(index)
+    model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 16))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) / 4)
+    x, y = torch.randn(32, 16, generator=generator), torch.randn(32, 16, generator=generator)
+    a, b_layer, c_layer = model
+    cut = cut_for(index)
+    if barrier is not None:
+        barrier.wait()
+    for _ in range(STEPS):
+        model.zero_grad(set_to_none=True)
+        b = b_layer(a(x))
+        c = c_layer(cut(b))
+        (b.pow(2).mean() + (c - y).pow(2).mean()).backward()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.sub_(p.grad, alpha=0.1)
+    named = dict(model.named_parameters())
+    return {**{n: p.detach().clone() for n, p in named.items()}, **{f"{n}.grad": p.grad for n, p in named.items()}}
+
+
+def test_threads_training_at_once_match_one_thread() -> None:
+    # Bitwise: every tensor is far below ATen's intra-op grain size (32768
+    # elements) and too small for MKL to split a matmul, so each op runs whole
+    # on its calling thread, in one order, whichever thread calls it and
+    # however many run at once; no set_num_threads needed.
+    serial = [train(i) for i in range(THREADS)]
+    threaded = run_in_threads(train)
+    for index, (alone, together) in enumerate(zip(serial, threaded)):
+        for name in alone:
+            torch.testing.assert_close(together[name], alone[name], rtol=0, atol=0, msg=f"thread {index}: {name}")
+
+
+def metadata(t: torch.Tensor) -> tuple:
+    return t.shape, t.stride(), t.storage_offset(), t.data_ptr()
+
+
+# The forms bridging one shared tensor; the attached ones and strict share its version counter.
+SHARED = {
+    "cut": bridge,
+    "torch.ops": torch.ops.gradbridge.bridge,
+    "reversal": lambda t: bridge(t, -0.5),
+    "attach": lambda t: bridge(t, attach=True),
+    "strict": bridge,  # entered once around the threads; toggling it from threads is not supported
+}
+ROUNDS = 2_000
+OPS_PER_ROUND = 4  # unsqueeze_, resize_, as_strided_, add_: each bumps the result's version
+
+
+@pytest.mark.parametrize("setting", SHARED)
+def test_threads_bridging_one_tensor_never_change_its_metadata(setting: str) -> None:
+    t = torch.zeros(THREADS, 16)  # row i belongs to thread i
+    before = metadata(t)
+    make = SHARED[setting]
+
+    def work(index: int, barrier: threading.Barrier) -> None:
+        barrier.wait()
+        for _ in range(ROUNDS):
+            result = make(t)
+            result.unsqueeze_(0)
+            result.resize_(3, 5)  # a shrink: t's storage is untouched
+            result.as_strided_((16,), (1,), 16 * index)
+            result.add_(1)  # writes through to t's row `index` only
+
+    with gradbridge_ext.strict(setting == "strict"):
+        run_in_threads(work)
+    assert metadata(t) == before
+    assert torch.equal(t, torch.full((THREADS, 16), float(ROUNDS)))
+    shares_version = setting in ("reversal", "attach", "strict")
+    # The counter is atomic: every bump of every thread is counted, or none is.
+    assert t._version == (THREADS * ROUNDS * OPS_PER_ROUND if shares_version else 0)
+
+
+def side_stream_reads_then_reallocates(make, record: bool) -> tuple[bool, torch.Tensor]:
+    """Read bridge(t) on a busy side stream, drop t, allocate its size again.
+
+    Returns whether the new tensor got t's memory back, and what the side stream read.
+    """
+    n = 1 << 20
+    w = torch.tensor(1.5, device="cuda", requires_grad=True)
+    t = w.expand(n).clone()  # in a graph that holds w, not t's memory
+    old = t.data_ptr()
+    result = make(t)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())  # t's values are written before the side stream reads them
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(100_000_000)  # tens of ms: everything below is issued before the read
+        out = result * 2
+    if record:
+        result.record_stream(side)
+    del t, result
+    new = torch.empty(n, device="cuda")
+    new.fill_(-1.0)  # on the default stream: would overwrite t's memory before the side stream reads it
+    reused = new.data_ptr() == old
+    torch.cuda.synchronize()
+    return reused, out
+
+
+@cuda
+@pytest.mark.parametrize("setting", ["cut", "reversal"])
+def test_record_stream_keeps_the_memory_until_the_side_stream_is_done(setting: str) -> None:
+    if torch.cuda.get_allocator_backend() != "native" or os.environ.get("PYTORCH_NO_CUDA_MEMORY_CACHING") == "1":
+        pytest.skip("the control needs the native caching allocator, which hands a freed block straight back")
+    make = SHARED[setting]
+    torch.cuda.synchronize()
+    reused, out = side_stream_reads_then_reallocates(make, record=True)
+    assert not reused
+    assert torch.equal(out, torch.full_like(out, 3.0))
+    # The control: without record_stream the allocator hands the same memory
+    # straight back to the default stream, so the check above can fail.
+    reused, _ = side_stream_reads_then_reallocates(make, record=False)
+    assert reused
