@@ -34,7 +34,10 @@ storage offset, dtype, device and conj/neg bits. It owns its metadata, so
 ``t``. A cut also owns its version counter, so in-place ops on one do not bump
 the other's ``_version`` (``t.detach()`` shares ``t``'s; see :func:`strict`); the
 settings that keep the result in the graph share ``t``'s, as a gradient reversal
-layer's view does, in every grad mode. It is never an autograd view of ``t``. What differs is the backward:
+layer's view does, in every grad mode. It is never an autograd view of ``t``
+(for a Tensor subclass, torch's default ``__torch_function__`` rewraps it with
+``as_subclass``, a view of the plain alias, as it does ``detach()``'s result).
+What differs is the backward:
 
 ==================  ===========  =====================  ==========================
 call                in the graph  gradient to ``t``      use
