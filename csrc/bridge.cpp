@@ -155,9 +155,9 @@ auto make_node(Args&&... args) {
 // records nothing: the result is a fresh leaf that does not require grad, so
 // there is no node to build. Otherwise the result stays in the graph: it gets
 // a BridgeBackward node with an edge to t, as generated VariableType kernels
-// build theirs; the kernel gave it t's version counter, so an in-place op on
-// either is seen by whatever saved the other (the view that gradient reversal
-// layers return behaves the same). Its backward is not a derivative of the forward,
+// build theirs, and shares t's version counter, so an in-place op on either is
+// seen by whatever saved the other (the view that gradient reversal layers
+// return behaves the same). Its backward is not a derivative of the forward,
 // so forward-mode AD through it is refused rather than silently wrong.
 at::Tensor bridge_autograd(
     c10::DispatchKeySet ks, const at::Tensor& t, double grad_scale, bool attach) {
@@ -172,6 +172,13 @@ at::Tensor bridge_autograd(
     return bridge_op().redispatch(
         ks & c10::after_ADInplaceOrView_keyset, t, grad_scale, attach);
   }();
+  // Our kernel already shared it; a tensor subclass or mode that answered the
+  // op in Python (wrapper subclasses, fake tensors) made its own result.
+  const bool shares_version = attached || strict_mode.load(std::memory_order_relaxed);
+  if (shares_version && !t.is_inference()) {
+    result.unsafeGetTensorImpl()->set_version_counter(
+        t.unsafeGetTensorImpl()->version_counter());
+  }
   if (attached && torch::autograd::compute_requires_grad(t)) {
     auto node = make_node<BridgeBackward>(grad_scale);
     node->set_next_edges(torch::autograd::collect_next_edges(t));

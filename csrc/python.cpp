@@ -83,7 +83,19 @@ bool parse_options(
     // scalars, 0-dim tensors) is a number.
     const bool is_bool = PyBool_Check(scale);
     grad_scale = is_bool ? 0 : PyFloat_AsDouble(scale);
-    if (is_bool || (grad_scale == -1 && PyErr_Occurred())) {
+    if (!is_bool && grad_scale == -1 && PyErr_Occurred()) {
+      if (PyErr_ExceptionMatches(PyExc_OverflowError)) {  // an int past float's range
+        PyErr_Clear();
+        PyErr_SetString(
+            PyExc_ValueError,
+            "gradbridge::bridge: grad_scale must be a finite number, got an int too large for a float");
+        return false;
+      }
+      if (!PyErr_ExceptionMatches(PyExc_TypeError)) {
+        return false;  // raised by the object's own __float__: let it through, as float() does
+      }
+    }
+    if (is_bool || PyErr_Occurred()) {
       PyErr_Clear();
       PyErr_Format(
           PyExc_TypeError,

@@ -95,6 +95,11 @@ def test_results_of_inputs_that_need_no_grad_stay_out_of_the_graph() -> None:
         assert bridge(upstream("cpu")[1], -1.0).grad_fn is None
 
 
+class FloatFails:
+    def __float__(self) -> float:
+        raise LookupError("from __float__")
+
+
 @pytest.mark.parametrize(
     "args, kwargs, error, match",
     [
@@ -103,6 +108,8 @@ def test_results_of_inputs_that_need_no_grad_stay_out_of_the_graph() -> None:
         ((), {"grad_scale": float("-inf")}, ValueError, "finite number, got -inf"),
         (("1",), {}, TypeError, "'grad_scale' must be a number, not str"),
         ((True,), {}, TypeError, r"must be a number, not bool \(attach=True is a keyword argument\)"),
+        ((10**400,), {}, ValueError, "finite number, got an int too large for a float"),
+        ((FloatFails(),), {}, LookupError, "from __float__"),  # the object's own error, as float() lets it through
         ((), {"attach": 1}, TypeError, "'attach' must be a bool or None, not int"),
         ((), {"scale": 1.0}, TypeError, "unexpected or repeated keyword argument 'scale'"),
         ((1.0,), {"grad_scale": 1.0}, TypeError, "repeated keyword argument 'grad_scale'"),

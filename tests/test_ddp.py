@@ -7,6 +7,7 @@ import os
 import socket
 import sys
 import time
+import traceback
 from datetime import timedelta
 from pathlib import Path
 
@@ -66,10 +67,9 @@ def worker(rank: int, init: str, out: str, mode: int, cut_kwargs: dict) -> None:
     # Loopback, whatever the host name resolves to on the machine running the tests.
     if "lo" in {name for _, name in socket.if_nameindex()}:
         os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    dist.init_process_group(
-        "gloo", init_method=init, rank=rank, world_size=WORLD, timeout=COLLECTIVE_TIMEOUT
-    )
+    status = 1
     try:
+        dist.init_process_group("gloo", init_method=init, rank=rank, world_size=WORLD, timeout=COLLECTIVE_TIMEOUT)
         model = ABC(Bridge(**cut_kwargs))
         ddp = DistributedDataParallel(model, find_unused_parameters=False)
         shard = slice(rank * 8 // WORLD, (rank + 1) * 8 // WORLD)
@@ -79,17 +79,21 @@ def worker(rank: int, init: str, out: str, mode: int, cut_kwargs: dict) -> None:
         except RuntimeError as error:
             result = {"error": str(error)}
         torch.save(result, Path(out) / f"rank{rank}.pt")
-    finally:
         dist.destroy_process_group()
-    # Leave without destructors. On torch 2.13 a rank can hang freeing DDP: the
-    # Reducer's last reference drops the gloo group under the GIL, and its dtor
-    # joins a worker thread that is freeing an allreduce whose captured
-    # thread-local state holds a Python object (the context every backward
-    # stashes), which needs the GIL. Seen once in about seven runs, with or
-    # without gradbridge_ext.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+        status = 0
+    except BaseException:  # noqa: BLE001 (printed here; the parent sees the exit status)
+        traceback.print_exc()
+    finally:
+        # Leave without destructors, while this frame still holds DDP. On torch
+        # 2.13 a rank can hang or abort freeing it: the Reducer's last reference
+        # drops the gloo group under the GIL, and its dtor joins a worker thread
+        # that is freeing an allreduce whose captured thread-local state holds a
+        # Python object (the context every backward stashes), which needs the
+        # GIL. Seen here: a hang in 1 of 28 runs of these tests, and an abort in
+        # 1 of 30 runs of plain DDP without gradbridge_ext.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
 
 
 class _Forwarding(nn.Module):

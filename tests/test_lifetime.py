@@ -228,6 +228,7 @@ def leftovers_without_gc(scenario, *args) -> tuple[list[str], bool, int]:
     Returns the names of the objects still alive, whether t's storage is still
     alive, and how many objects gc.collect() then found unreachable.
     """
+    scenario(*args)  # first calls may leave lazily built state (autograd, caches) for gc
     gc.collect()  # garbage made before the scenario is not its own
     gc.disable()
     try:
