@@ -76,7 +76,7 @@ const char* layout_name(at::Layout layout) {
 }
 
 // torch.ops passes None for a Tensor argument as an undefined tensor, which
-// dispatches to the CompositeExplicitAutograd kernel below.
+// dispatches to bridge_unsupported, the CompositeExplicitAutograd kernel.
 void check_defined(const at::Tensor& t) {
   TORCH_CHECK(t.defined(), "gradbridge::bridge(t): expected a tensor, got None (an undefined tensor)");
 }
@@ -84,7 +84,6 @@ void check_defined(const at::Tensor& t) {
 // Sparse, nested, quantized and mkldnn tensors have no one strided storage for
 // an alias to share; say so by name rather than failing somewhere deeper.
 void check_strided(const at::Tensor& t) {
-  check_defined(t);
   if (t.layout() == at::kStrided && !t.is_nested() && !t.is_quantized()) {
     return;
   }
@@ -102,6 +101,7 @@ void check_strided(const at::Tensor& t) {
 // when called as torch.ops.gradbridge.bridge, and strided tensors on devices we
 // have not tested.
 at::Tensor bridge_unsupported(const at::Tensor& t, double, bool) {
+  check_defined(t);
   check_strided(t);
   TORCH_CHECK_NOT_IMPLEMENTED(
       false,

@@ -36,6 +36,12 @@ def random_values(shape: tuple[int, ...], dtype: torch.dtype, device: str) -> to
     return torch.randn(shape, device=device).to(dtype)
 
 
+def strict_cut(t: torch.Tensor) -> torch.Tensor:
+    """bridge(t) made under strict(): a cut that shares t's version counter."""
+    with gradbridge_ext.strict():
+        return bridge(t)
+
+
 def raw_bytes(t: torch.Tensor) -> torch.Tensor:
     """t's elements as bytes, so every dtype (float8, complex, bool) compares exactly."""
     return t.resolve_conj().resolve_neg().contiguous().reshape(-1).view(torch.uint8)

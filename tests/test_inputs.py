@@ -15,14 +15,9 @@ import numpy as np
 import pytest
 import torch
 from torch import Tensor, nn
-from test_bridge import assert_alias, layouts, raw_bytes
+from test_bridge import assert_alias, layouts, raw_bytes, strict_cut
 
-from gradbridge_ext import Bridge, BridgeFunction, bridge, strict
-
-
-def strict_cut(t: Tensor) -> Tensor:
-    with strict():
-        return bridge(t)
+from gradbridge_ext import Bridge, BridgeFunction, bridge
 
 
 # Every way to ask for each backward. The attached ones stay in the graph.

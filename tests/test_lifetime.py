@@ -14,13 +14,9 @@ from torch.multiprocessing.reductions import StorageWeakRef
 
 import gradbridge_ext
 from gradbridge_ext import Bridge, BridgeFunction, bridge
+from test_bridge import strict_cut
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-
-
-def strict_cut(t: torch.Tensor) -> torch.Tensor:
-    with gradbridge_ext.strict():
-        return bridge(t)
 
 
 # Every way to make a result; the attached ones build a BridgeBackward node per call.

@@ -14,10 +14,9 @@ from collections.abc import Callable
 import pytest
 import torch
 
-import gradbridge_ext
 from gradbridge_ext import bridge
 
-from test_bridge import DTYPES, FLOAT8, assert_alias, metadata, random_values
+from test_bridge import DTYPES, FLOAT8, assert_alias, metadata, random_values, strict_cut
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import given, settings
@@ -28,14 +27,9 @@ SETTINGS = {
     "cut": (lambda t: bridge(t), False),
     "reversal": (lambda t: bridge(t, -1.0), True),
     "attach": (lambda t: bridge(t, attach=True), True),
-    "strict cut": (lambda t: _strict_bridge(t), True),
+    "strict cut": (strict_cut, True),
 }
 EXAMPLES = settings(max_examples=150, deadline=None)  # per setting; 600 a property
-
-
-def _strict_bridge(t: torch.Tensor) -> torch.Tensor:
-    with gradbridge_ext.strict():
-        return bridge(t)
 
 
 def bytes_of(t: torch.Tensor) -> torch.Tensor:
