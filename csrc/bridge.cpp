@@ -49,10 +49,15 @@ at::Tensor bridge_alias(const at::Tensor& t, bool attached) {
   return at::Tensor(std::move(impl));
 }
 
+// NB: the message names the value without streaming a double. On some
+// toolchains (seen: GCC 13.3 with torch 2.11.0+cu130) any extension code that
+// formats a floating-point number through an iostream segfaults, c10::str
+// included; only nan and +-inf get here, so they are spelled out instead.
 void check_grad_scale(double grad_scale) {
   TORCH_CHECK_VALUE(
       std::isfinite(grad_scale),
-      "gradbridge::bridge: grad_scale must be a finite number, got ", grad_scale);
+      "gradbridge::bridge: grad_scale must be a finite number, got ",
+      std::isnan(grad_scale) ? "nan" : grad_scale > 0 ? "inf" : "-inf");
 }
 
 // The forward is the same for every backward.

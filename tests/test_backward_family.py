@@ -122,6 +122,39 @@ def test_bad_options_raise_naming_the_argument(args, kwargs, error, match: str) 
         bridge(t, *args, **kwargs)
 
 
+# NB: on some toolchains extension code that streams a double into an iostream
+# segfaults (GCC 13.3 with torch 2.11.0+cu130), so no message formats one. Each
+# message that carries a number is pinned here whole, for every entry point and
+# device: on such a machine, a regression crashes this test, not a user's run.
+@pytest.mark.parametrize("scale, shown", [(float("nan"), "nan"), (float("inf"), "inf"), (float("-inf"), "-inf")])
+@pytest.mark.parametrize("entry", ["bridge", "keyword", "torch.ops", "Bridge"])
+@pytest.mark.parametrize("on", ["device", "meta"])
+def test_non_finite_grad_scale_is_named_in_the_message(scale: float, shown: str, entry: str, on: str, device: str) -> None:
+    t = torch.ones(2, requires_grad=True, device="meta" if on == "meta" else device)
+    call = {
+        "bridge": lambda: bridge(t, scale),
+        "keyword": lambda: bridge(t, grad_scale=scale),
+        "torch.ops": lambda: torch.ops.gradbridge.bridge(t, scale),
+        "Bridge": lambda: Bridge(grad_scale=scale)(t),
+    }[entry]
+    with pytest.raises(ValueError) as error:
+        call()
+    assert str(error.value).startswith(f"gradbridge::bridge: grad_scale must be a finite number, got {shown}")
+
+
+def test_messages_with_counts_and_values() -> None:
+    t = torch.ones(2)
+    with pytest.raises(TypeError) as error:
+        bridge(t, 1.0, True)
+    assert str(error.value) == "bridge() takes 1 or 2 positional arguments (t, grad_scale) but 3 were given"
+    with pytest.raises(ValueError) as error:
+        bridge(t, 2.5, attach=False)
+    assert str(error.value) == "bridge(): attach=False cuts the graph, but grad_scale=2.5 needs it; leave attach out"
+    with pytest.raises(ValueError) as error:
+        bridge(t, 10**400)
+    assert str(error.value).endswith("grad_scale must be a finite number, got an int too large for a float")
+
+
 @pytest.mark.parametrize("kwargs", [{"grad_scale": 1.0, "attach": False}, {"grad_scale": float("nan")},
                                     {"grad_scale": "1"}, {"attach": 1}])  # fmt: skip
 def test_the_module_checks_its_options_as_bridge_does(kwargs: dict) -> None:
