@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
-from bench_bridge import RESULTS, summary
+from bench_bridge import RESULTS
+from report import summary
 
 README = RESULTS.parent.parent / "README.md"
 START = "<!-- benchmark tables: written by benchmarks/update_readme.py -->"

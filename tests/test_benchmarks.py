@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
 import sys
 from pathlib import Path
 
@@ -14,6 +15,8 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
 import bench_bridge  # noqa: E402
+import measure  # noqa: E402
+import training  # noqa: E402
 import update_readme  # noqa: E402
 
 
@@ -37,15 +40,17 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 def test_quick_run_covers_every_method_size_and_mode(quick_run: dict) -> None:
-    methods = set(bench_bridge.METHODS)
+    methods = set(measure.METHODS)
     assert {r["method"] for r in quick_run["latency"]} == methods
     assert {(r["size_bytes"], r["requires_grad"]) for r in quick_run["latency"]} == {
         (4, True), (4, False), (65536, True), (65536, False)
     }  # fmt: skip
     assert {(r["mode"], r["method"]) for r in quick_run["training"]} == {
-        (mode, name) for mode in bench_bridge.MODES for name in bench_bridge.CUTS
+        (mode, name) for mode in training.MODES for name in training.CUTS
     }
     assert [b["bar"] for b in quick_run["bars"]] and "errors" not in quick_run
+    # A --quick run decides what it counts (bytes), not what it times.
+    assert [b["holds"] for b in quick_run["bars"]] == [None, None, True, None]
     assert quick_run["environment"]["torch"]
 
 
@@ -59,14 +64,43 @@ def test_memory_shows_the_copy_of_the_set_trick_and_none_for_the_aliases(quick_r
 
 def test_every_cut_trains_the_same_model(quick_run: dict) -> None:
     # The methods differ in cost only: the same steps give bitwise the same loss.
-    for mode in bench_bridge.MODES:
+    for mode in training.MODES:
         losses = {r["method"]: r["final_loss"] for r in quick_run["training"] if r["mode"] == mode}
         assert len({v for name, v in losses.items() if name != "no cut"}) == 1, losses
 
 
 def test_sizes_parse_and_print_back() -> None:
     for text, nbytes in [("4B", 4), ("64KB", 65536), ("256MB", 2**28), ("1gb", 2**30)]:
-        assert bench_bridge.parse_size(text) == nbytes
-        assert bench_bridge.format_size(nbytes).upper() == text.upper()
+        assert measure.parse_size(text) == nbytes
+        assert measure.format_size(nbytes).upper() == text.upper()
     with pytest.raises(Exception, match="expected a number"):
-        bench_bridge.parse_size("4 bytes")
+        measure.parse_size("4 bytes")
+
+
+def tracked_state() -> tuple[str, bytes]:
+    """git status of benchmarks/ and README.md (untracked files included), and their tracked bytes."""
+    root = BENCHMARKS.parent
+    status = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=all", "--", "benchmarks", "README.md"],
+        cwd=root, capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    tracked = subprocess.run(["git", "ls-files", "-z", "--", "benchmarks", "README.md"], cwd=root,
+                             capture_output=True, check=True).stdout.split(b"\0")  # fmt: skip
+    return status, b"".join((root / name.decode()).read_bytes() for name in tracked if name)
+
+
+def test_a_default_run_writes_only_ignored_files() -> None:
+    # make bench, then make test: the run must leave the committed results and the README be.
+    if subprocess.run(["git", "rev-parse"], cwd=BENCHMARKS, capture_output=True).returncode:
+        pytest.skip("not a git checkout")
+    assert bench_bridge.LOCAL.parent == bench_bridge.RESULTS
+    local = bench_bridge.LOCAL / "cpu" / "results.json"
+    kept = local.read_bytes() if local.exists() else None  # a real run's, if any
+    before = tracked_state()
+    try:
+        bench_bridge.main(["--device", "cpu", "--quick", "--sizes", "4B", "--sections", "memory"])
+        assert json.loads(local.read_text())["memory"]
+        assert tracked_state() == before
+    finally:
+        if kept is not None:
+            local.write_bytes(kept)

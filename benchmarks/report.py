@@ -1,0 +1,252 @@
+"""Reading the results: the bars bridge must meet, and Markdown tables; measures nothing.
+
+report() is the full set of tables a run prints; summary() the one table per device in
+the README (update_readme.py). Both take a results.json as loaded.
+"""
+
+from __future__ import annotations
+
+from measure import BASELINE, METHODS, format_size, paired_ratio, ratio_interval
+from training import CUTS, MODES
+
+# One line under each table with ratios in brackets: what they are.
+PER_REPEAT = ("In brackets: the median over repeats of each repeat's ratio to {}, "
+              "which is not the ratio of the two medians shown.")  # fmt: skip
+PER_STEP = ("In brackets: step time, the median over steps of each step's ratio to detach "
+            "(not the ratio of the medians shown); peak memory, the ratio of the two peaks.")  # fmt: skip
+
+
+def check_bars(device: str, results: dict) -> list[dict]:
+    """The issue's bars for bridge, each with what this run measured.
+
+    holds is None where the run cannot decide: a 95% interval spans the bar's edge, or,
+    in a --quick run, the bar rests on timings from too few repeats.
+    """
+    quick = results.get("quick", False)
+    bars = []
+    latency = results.get("latency", [])
+    if latency:
+        ns = {(r["size_bytes"], r["requires_grad"], r["method"]): r["samples_ns"] for r in latency}
+        cases = sorted({(r["size_bytes"], r["requires_grad"]) for r in latency})
+        to_data = {case: paired_ratio(ns[(*case, "bridge")], ns[(*case, ".data")]) for case in cases}
+        interval = {case: ratio_interval(ns[(*case, "bridge")], ns[(*case, ".data")]) for case in cases}
+        # The case that decides: the surest miss if there is one, else the least sure pass.
+        misses = [case for case in cases if interval[case][0] > 1]
+        worst = max(misses or cases, key=lambda case: interval[case][0 if misses else 1])
+        low, high = interval[worst]
+        bars.append({
+            "bar": "bridge per call <= .data at every size",
+            "measured": f"bridge/.data {min(to_data.values()):.2f} to {max(to_data.values()):.2f}; "
+                        f"{len(misses)} of {len(cases)} cases above 1 beyond noise; deciding case "
+                        f"{to_data[worst]:.3f} [{low:.3f}, {high:.3f}] (95% interval) "
+                        f"at {format_size(worst[0])}, requires_grad={worst[1]}",
+            # Decided only where noise cannot carry the ratio across 1.
+            "holds": None if quick else False if misses
+                     else True if all(hi <= 1 for _, hi in interval.values()) else None,
+        })  # fmt: skip
+        small, large = cases[0][0], cases[-1][0]
+        flat = [paired_ratio(ns[(large, g, "bridge")], ns[(small, g, "bridge")]) for g in (True, False)]
+        bars.append({
+            "bar": "bridge flat in size (largest/smallest within 0.9-1.1)",
+            "measured": f"{format_size(large)}/{format_size(small)} = "
+                        + ", ".join(f"{f:.2f}" for f in flat) + " (requires grad, not)",
+            "holds": None if quick else all(0.9 <= f <= 1.1 for f in flat),
+        })  # fmt: skip
+    memory = [r for r in results.get("memory", []) if r["method"] == "bridge"]
+    if memory:
+        allocated = max(r["allocated_bytes"] for r in memory)
+        kernels = max(r.get("kernels", 0) for r in memory)
+        bars.append({
+            "bar": "bridge allocates 0 bytes and launches 0 kernels",
+            "measured": f"max {allocated} B allocated"
+                        + (f", max {kernels} kernels" if device == "cuda" else ", (no kernels on CPU)"),
+            "holds": allocated == 0 and kernels == 0,
+        })  # fmt: skip
+    training = results.get("training", [])
+    if training:
+        steps = {(r["mode"], r["method"]): r["step_ms_samples"] for r in training}
+        times, verdicts = [], []
+        for mode in MODES:
+            ratio = paired_ratio(steps[(mode, "bridge")], steps[(mode, BASELINE)])
+            low, high = ratio_interval(steps[(mode, "bridge")], steps[(mode, BASELINE)])
+            times.append(f"{ratio:.3f} [{low:.3f}, {high:.3f}]")
+            # Decided only where noise cannot move the ratio across the band's edge.
+            verdicts.append(None if quick else True if 0.98 <= low and high <= 1.02
+                            else False if high < 0.98 or low > 1.02 else None)  # fmt: skip
+        peaks = [r["peak_ratio_to_detach"] for r in training if r["method"] == "bridge"]
+        verdicts += [0.98 <= v <= 1.02 for v in peaks]  # bytes, not timings: decided
+        bars.append({
+            "bar": "training step time and peak memory within 0.98-1.02 of detach",
+            "measured": "time " + ", ".join(times) + " (95% interval); peak "
+                        + ", ".join(f"{v:.3f}" for v in peaks) + " (modes 0, 1, 2)",
+            "holds": False if False in verdicts else None if None in verdicts else True,
+        })  # fmt: skip
+    return bars
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def verdict(holds: bool | None, quick: bool) -> str:
+    undecided = "too few repeats in a --quick run" if quick else "an interval spans the bar's edge"
+    return {True: "yes", False: "**no**", None: f"**undecided**: {undecided}"}[holds]
+
+
+def bars_table(results: dict) -> str:
+    return table(
+        ["bar for bridge", "measured", "holds"],
+        [[b["bar"], b["measured"], verdict(b["holds"], results.get("quick", False))]
+         for b in results["bars"]],
+    )  # fmt: skip
+
+
+def format_ratio(ratio: float) -> str:
+    return f"{ratio:.2f}" if ratio < 100 else f"{ratio:,.0f}"
+
+
+def format_ns(ns: float) -> str:
+    if ns >= 1e6:
+        return f"{ns / 1e6:.2f} ms"
+    if ns >= 1e3:
+        return f"{ns / 1e3:.2f} us"
+    return f"{ns:.0f} ns"
+
+
+def latency_table(results: dict, requires_grad: bool) -> str:
+    rows = [r for r in results["latency"] if r["requires_grad"] == requires_grad]
+    by = {(r["size_bytes"], r["method"]): r for r in rows}
+    return table(
+        ["size", *METHODS],
+        [[format_size(s)] + [f"{format_ns(by[(s, m)]['median_ns'])} ({format_ratio(by[(s, m)]['ratio_to_detach'])})"
+                             for m in METHODS] for s in sorted({r["size_bytes"] for r in rows})],
+    )  # fmt: skip
+
+
+def memory_table(results: dict) -> str:
+    cuda = results["environment"]["device"] == "cuda"
+    return table(
+        ["size", "method", "bytes allocated", "peak bytes", "ops (profiler)"]
+        + (["CUDA kernels"] if cuda else []),
+        [[format_size(r["size_bytes"]), r["method"], str(r["allocated_bytes"]), str(r["peak_bytes"]),
+          str(r["ops"])] + ([str(r["kernels"])] if cuda else []) for r in results["memory"]],
+    )  # fmt: skip
+
+
+def training_table(results: dict) -> str:
+    return table(
+        ["mode", "method", "step time", "peak memory", "final loss"],
+        [[f"{r['mode']}: {MODES[r['mode']]}", r["method"],
+          f"{r['step_ms_median']:.2f} ms ({r['ratio_to_detach']:.3f})",
+          f"{r['peak_bytes'] / 2**20:.1f} MiB ({r['peak_ratio_to_detach']:.3f})",
+          f"{r['final_loss']:.6f}"] for r in results["training"]],
+    )  # fmt: skip
+
+
+def attached_table(results: dict) -> str:
+    rows = results["attached"]
+    keys = sorted({(r["phase"], r["size_bytes"]) for r in rows}, key=lambda k: (k[0] != "forward", k[1]))
+    by = {(r["phase"], r["size_bytes"], r["method"]): r for r in rows}
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    return table(
+        ["method"] + [f"{phase}, {format_size(size)}" for phase, size in keys],
+        [[name] + [f"{format_ns(by[(*k, name)]['median_ns'])} ({by[(*k, name)]['ratio_to_bridge']:.2f})"
+                   for k in keys] for name in methods],
+    )  # fmt: skip
+
+
+def report(results: dict) -> str:
+    """Every table of one device's run, with its environment."""
+    env, cfg = results["environment"], results["config"]
+    parts = [
+        f"## {env['device']}: {env['device_name']}",
+        f"torch {env['torch']}, Python {env['python']}, CPU {env['cpu']} "
+        f"({env['cpu_threads']} threads), {env['date']}, commit {env['gradbridge_ext_commit']}",
+    ]
+    for requires_grad in (True, False):
+        if any(r["requires_grad"] == requires_grad for r in results.get("latency", [])):
+            parts += [
+                f"\n### Latency per call, input {'requires' if requires_grad else 'does not require'} "
+                "grad (median, and ratio to detach)\n",
+                PER_REPEAT.format("detach") + "\n",
+                latency_table(results, requires_grad),
+            ]  # fmt: skip
+    if results.get("memory"):
+        parts += [
+            f"\n### Memory and work per call (input requires grad; {results['memory'][0]['memory_source']})\n",
+            memory_table(results),
+            "\nOps are counted by the profiler, which makes bridge dispatch (1 op); a call "
+            "with no profiler or mode active skips the dispatcher (0 ops), same kernel.",
+        ]  # fmt: skip
+    if results.get("training"):
+        parts += [
+            f"\n### Training step (width {cfg['width']}, batch {cfg['batch']}, B = {cfg['depth']} "
+            f"linear layers, {cfg['train_steps']} steps; median, and ratio to detach)\n",
+            PER_STEP + "\n",
+            training_table(results),
+        ]  # fmt: skip
+    if results.get("attached"):
+        parts += [
+            "\n### Attached forms per call, input a leaf that requires grad "
+            "(median, and ratio to bridge(t, -1.0))\n",
+            PER_REPEAT.format("bridge(t, -1.0)") + "\n",
+            attached_table(results),
+        ]
+    if results.get("bars"):
+        quick = " (a --quick run: too few repeats to decide the timed ones)" if results.get("quick") else ""
+        parts += [f"\n### Bars for bridge{quick}\n", bars_table(results)]
+    return "\n".join(parts)
+
+
+def summary(results: dict) -> str:
+    """One table per device for the README: each method's cost at a glance."""
+    env, cfg = results["environment"], results["config"]
+    latency = [r for r in results["latency"] if r["requires_grad"]]
+    sizes = sorted({r["size_bytes"] for r in latency})
+    small, large = sizes[0], sizes[-1]
+    time = {(r["size_bytes"], r["method"]): r for r in latency}
+    memory = {r["method"]: r for r in results["memory"] if r["size_bytes"] == large}
+    training = {(r["mode"], r["method"]): r for r in results["training"]}
+    cuda = env["device"] == "cuda"
+
+    def per_call(size: int, name: str) -> str:
+        r = time[(size, name)]
+        return f"{format_ns(r['median_ns'])} ({format_ratio(r['ratio_to_detach'])})"
+
+    rows = []
+    for name in [m for m in CUTS if (0, m) in training]:  # older results lack newer rows
+        measured = name in METHODS
+        row = [name if name != "bridge" else "**bridge**"]
+        row += [per_call(small, name), per_call(large, name)] if measured else ["", ""]
+        row += [str(memory[name]["allocated_bytes"])] if measured else [""]
+        if cuda:
+            row += [str(memory[name]["kernels"])] if measured else [""]
+        row += [" / ".join(f"{training[(m, name)][key]:.3f}" for m in MODES)
+                for key in ("ratio_to_detach", "peak_ratio_to_detach")]  # fmt: skip
+        rows.append(row)
+    header = ["method", f"per call, {format_size(small)}", f"per call, {format_size(large)}",
+              f"bytes allocated, {format_size(large)}"] + (["CUDA kernels"] if cuda else []) + [
+              "training step time, modes 0 / 1 / 2", "training peak memory, modes 0 / 1 / 2"]  # fmt: skip
+    return "\n".join([
+        f"{env['device_name']} ({env['device']}; host CPU {env['cpu']}, {env['cpu_threads']} threads); "
+        f"torch {env['torch']}, Python {env['python']}, "
+        f"{env['date'][:10]}, commit {env['gradbridge_ext_commit']}. Per call: median from Python, "
+        "input requires grad, (ratio to detach). Training: width "
+        f"{cfg['width']}, batch {cfg['batch']}, B = {cfg['depth']} layers, ratio to detach.",
+        "",
+        "Ratios to detach: per call, the median over repeats of each repeat's ratio (not the ratio "
+        "of the two medians shown); training step time, the same over steps; peak memory, the "
+        "ratio of the two peaks.",
+        "",
+        table(header, rows),
+        "",
+        bars_table(results),
+    ] + ([
+        "",
+        "Attached forms: time per call from Python (median, and ratio to `bridge(t, -1.0)`), on a "
+        "leaf that requires grad; forward + backward runs `torch.autograd.backward` on the result. "
+        + PER_REPEAT.format("`bridge(t, -1.0)`"),
+        "",
+        attached_table(results),
+    ] if results.get("attached") else []))  # fmt: skip
