@@ -15,6 +15,7 @@ import sys
 import tempfile
 import time
 import timeit
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -211,7 +212,8 @@ def profiled(fn: Callable[[], object], device: str) -> list:
 
     NB: kineto writes a USDT line per start and stop straight to fd 2, past
     sys.stderr; KINETO_LOG_LEVEL can hide them only together with its errors. So fd 2
-    goes to a file for the call and every other line is written back.
+    goes to a file for the call and every other line is written back. Some torch
+    versions (2.11) also warn, once, that a profiler keeps one cycle's events: it runs one.
     """
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     sys.stderr.flush()
@@ -219,9 +221,11 @@ def profiled(fn: Callable[[], object], device: str) -> list:
     with tempfile.TemporaryFile(mode="w+b") as captured:
         os.dup2(captured.fileno(), 2)
         try:
-            with profile(activities=activities, profile_memory=True) as prof:
-                result = fn()  # freed after the profile, out of what it books to fn
-                synchronize(device)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Warning: Profiler clears events")
+                with profile(activities=activities, profile_memory=True) as prof:
+                    result = fn()  # freed after the profile, out of what it books to fn
+                    synchronize(device)
             del result
         finally:
             sys.stderr.flush()

@@ -44,8 +44,8 @@ class Progress:
     def note(self, message: str) -> None:
         """A line that stays, above the bar."""
         self.stream.write(("\r\x1b[K" if self.tty else "") + f"[bench] {message}\n")
-        self.drawn_at = -float("inf")
-        if self.part:
+        if self.tty and self.part:  # the bar again, below the note
+            self.drawn_at = -float("inf")
             self._draw()
         self.stream.flush()
 
