@@ -7,7 +7,7 @@ PYTHON ?= python3
 # would pull a multi-GB CUDA build). The operator is compiled against it.
 setup:
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install torch==2.13.0
-	$(PYTHON) -m pip install "setuptools>=77" ninja pytest hypothesis numpy pytorch-revgrad torch-gradient-reversal
+	$(PYTHON) -m pip install "setuptools>=77" ninja pytest hypothesis numpy pytorch-revgrad torch-gradient-reversal onnx onnxscript onnxruntime
 	$(PYTHON) -m pip install --no-build-isolation -e .
 
 test: setup

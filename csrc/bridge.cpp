@@ -8,7 +8,9 @@
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/record_function.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
+#include <torch/csrc/autograd/VariableTypeUtils.h>
 #include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/autograd/saved_variable.h>
 #include <torch/library.h>
 
 #include <atomic>
@@ -60,10 +62,27 @@ void check_grad_scale(double grad_scale) {
       std::isnan(grad_scale) ? "nan" : grad_scale > 0 ? "inf" : "-inf");
 }
 
+// A grad_scale tensor is a 0-dim floating tensor, on any device; its value is
+// read only by the backward, so a schedule can update it in place between
+// steps with no host sync and no recompile.
+void check_grad_scale(const at::Tensor& grad_scale) {
+  TORCH_CHECK_TYPE(
+      grad_scale.defined(), "gradbridge::bridge: grad_scale must be a number or a tensor, got None");
+  TORCH_CHECK_VALUE(
+      grad_scale.dim() == 0 && at::isFloatingType(grad_scale.scalar_type()),
+      "gradbridge::bridge: a grad_scale tensor must be 0-dim and floating, got a ",
+      grad_scale.dim(), "-dim ", grad_scale.scalar_type(), " tensor");
+}
+
 // The forward is the same for every backward.
 at::Tensor bridge_kernel(const at::Tensor& t, double grad_scale, bool attach) {
   check_grad_scale(grad_scale);
   return bridge_alias(t, /*attached=*/attach || grad_scale != 0);
+}
+
+at::Tensor bridge_tensor_kernel(const at::Tensor& t, const at::Tensor& grad_scale) {
+  check_grad_scale(grad_scale);
+  return bridge_alias(t, /*attached=*/true);
 }
 
 // How Python spells a layout, for error messages.
@@ -105,7 +124,7 @@ void check_strided(const at::Tensor& t) {
 // Backends without a bridge_alias registration land here: the layouts above
 // when called as torch.ops.gradbridge.bridge, and strided tensors on devices we
 // have not tested.
-at::Tensor bridge_unsupported(const at::Tensor& t, double, bool) {
+at::Tensor bridge_unsupported(const at::Tensor& t) {
   check_defined(t);
   check_strided(t);
   TORCH_CHECK_NOT_IMPLEMENTED(
@@ -114,7 +133,16 @@ at::Tensor bridge_unsupported(const at::Tensor& t, double, bool) {
       "got a tensor on device '", t.device(), "'.");
 }
 
+at::Tensor bridge_unsupported_scalar(const at::Tensor& t, double, bool) {
+  return bridge_unsupported(t);
+}
+
+at::Tensor bridge_unsupported_tensor(const at::Tensor& t, const at::Tensor&) {
+  return bridge_unsupported(t);
+}
+
 using BridgeSignature = at::Tensor(const at::Tensor&, double, bool);
+using BridgeTensorSignature = at::Tensor(const at::Tensor&, const at::Tensor&);
 
 const c10::TypedOperatorHandle<BridgeSignature>& bridge_op() {
   static const auto op = c10::Dispatcher::singleton()
@@ -123,25 +151,55 @@ const c10::TypedOperatorHandle<BridgeSignature>& bridge_op() {
   return op;
 }
 
+const c10::TypedOperatorHandle<BridgeTensorSignature>& bridge_tensor_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("gradbridge::bridge", "Tensor")
+                             .typed<BridgeTensorSignature>();
+  return op;
+}
+
 // The backward of an attached result: grad_scale * grad, or autograd's zero
-// (an undefined gradient, None in Python) when grad_scale is 0. It saves
-// nothing, so it neither keeps t alive nor checks t's version.
+// (an undefined gradient, None in Python) when a number grad_scale is 0. With
+// a number it saves nothing, so it neither keeps t alive nor checks t's
+// version. A grad_scale tensor is saved as autograd saves any input: the
+// backward uses the value it had at the forward, and an in-place change of it
+// before the backward raises autograd's "modified by an inplace operation".
+// It always multiplies (a zero tensor gives zeros): knowing it is zero would
+// need a host sync. The scale itself gets no gradient: the forward does not
+// depend on it.
 struct BridgeBackward : public torch::autograd::Node {
   explicit BridgeBackward(double grad_scale) : grad_scale(grad_scale) {}
+  explicit BridgeBackward(const at::Tensor& grad_scale)
+      : grad_scale(1), scale_tensor(grad_scale, /*is_output=*/false), has_scale_tensor(true) {}
 
   torch::autograd::variable_list apply(
       torch::autograd::variable_list&& grads) override {
-    if (grad_scale == 0 || !grads[0].defined()) {
+    const auto& grad = grads[0];
+    if (!grad.defined() || (!has_scale_tensor && grad_scale == 0)) {
       return {at::Tensor()};
     }
-    return {grad_scale == 1 ? grads[0] : grads[0].mul(grad_scale)};
+    if (has_scale_tensor) {
+      auto scale = scale_tensor.unpack();
+      // A CPU scale is read on the host, with no device sync; any other is moved.
+      if (scale.device() != grad.device() && !scale.is_cpu()) {
+        scale = scale.to(grad.device());
+      }
+      return {grad.mul(scale)};
+    }
+    return {grad_scale == 1 ? grad : grad.mul(grad_scale)};
   }
 
   std::string name() const override {
     return "BridgeBackward";
   }
 
+  void release_variables() override {
+    scale_tensor.reset_data();
+  }
+
   const double grad_scale;
+  torch::autograd::SavedVariable scale_tensor;
+  const bool has_scale_tensor = false;
 };
 
 // Autograd holds nodes by c10::intrusive_ptr from torch 2.13 and by
@@ -161,35 +219,78 @@ auto make_node(Args&&... args) {
 // there is no node to build. Otherwise the result stays in the graph: it gets
 // a BridgeBackward node with an edge to t, as generated VariableType kernels
 // build theirs, and shares t's version counter, so an in-place op on either is
-// seen by whatever saved the other (the view that gradient reversal layers
-// return behaves the same). Its backward is not a derivative of the forward,
-// so forward-mode AD through it is refused rather than silently wrong.
+// seen by whatever saved the other. Its backward is not a derivative of the
+// forward, so forward-mode AD through it is refused rather than silently wrong.
+void check_attached_forward_ad(const at::Tensor& t) {
+  TORCH_CHECK_NOT_IMPLEMENTED(
+      !torch::autograd::isFwGradDefined(t),
+      "gradbridge::bridge: forward-mode AD is not supported with grad_scale or "
+      "attach; the cut, bridge(t), drops the tangent as detach() does.");
+}
+
+// Our kernel already shared t's version counter; a tensor subclass or mode
+// that answered the op in Python (wrapper subclasses, fake tensors) made its
+// own result.
+void share_version_counter(const at::Tensor& t, const at::Tensor& result) {
+  if (!t.is_inference()) {
+    result.unsafeGetTensorImpl()->set_version_counter(
+        t.unsafeGetTensorImpl()->version_counter());
+  }
+}
+
+// NOTE [An attached result refuses in-place ops]
+// An in-place op through an attached result would write t and rebase the
+// result's history, and autograd's view+inplace logic cannot keep a backward
+// that is not a view's derivative. So a recorded result is made a view of t
+// created in a custom Function, exactly what a gradient reversal layer's
+// `view_as` inside autograd.Function.forward returns: autograd then raises its
+// "is a view and is being modified inplace" error instead of a silent write.
+template <class Node>
+at::Tensor attach_to_graph(const at::Tensor& t, at::Tensor result, Node node) {
+  share_version_counter(t, result);
+  if (!torch::autograd::compute_requires_grad(t)) {
+    return result;
+  }
+  result = torch::autograd::as_view(
+      /*base=*/t, /*tensor=*/result, /*is_bw_differentiable=*/true,
+      /*is_fw_differentiable=*/false, /*view_func=*/nullptr,
+      /*rev_view_func=*/nullptr, torch::autograd::CreationMeta::IN_CUSTOM_FUNCTION);
+  node->set_next_edges(torch::autograd::collect_next_edges(t));
+  torch::autograd::set_history(result, node);
+  return result;
+}
+
 at::Tensor bridge_autograd(
     c10::DispatchKeySet ks, const at::Tensor& t, double grad_scale, bool attach) {
   check_grad_scale(grad_scale);
   const bool attached = attach || grad_scale != 0;
-  TORCH_CHECK_NOT_IMPLEMENTED(
-      !attached || !torch::autograd::isFwGradDefined(t),
-      "gradbridge::bridge: forward-mode AD is not supported with grad_scale or "
-      "attach; the cut, bridge(t), drops the tangent as detach() does.");
+  if (attached) {
+    check_attached_forward_ad(t);
+  }
   auto result = [&] {
     at::AutoDispatchBelowADInplaceOrView guard;
     return bridge_op().redispatch(
         ks & c10::after_ADInplaceOrView_keyset, t, grad_scale, attach);
   }();
-  // Our kernel already shared it; a tensor subclass or mode that answered the
-  // op in Python (wrapper subclasses, fake tensors) made its own result.
-  const bool shares_version = attached || strict_mode.load(std::memory_order_relaxed);
-  if (shares_version && !t.is_inference()) {
-    result.unsafeGetTensorImpl()->set_version_counter(
-        t.unsafeGetTensorImpl()->version_counter());
+  if (!attached) {
+    if (strict_mode.load(std::memory_order_relaxed)) {
+      share_version_counter(t, result);
+    }
+    return result;
   }
-  if (attached && torch::autograd::compute_requires_grad(t)) {
-    auto node = make_node<BridgeBackward>(grad_scale);
-    node->set_next_edges(torch::autograd::collect_next_edges(t));
-    torch::autograd::set_history(result, node);
-  }
-  return result;
+  return attach_to_graph(t, std::move(result), make_node<BridgeBackward>(grad_scale));
+}
+
+at::Tensor bridge_tensor_autograd(
+    c10::DispatchKeySet ks, const at::Tensor& t, const at::Tensor& grad_scale) {
+  check_grad_scale(grad_scale);
+  check_attached_forward_ad(t);
+  auto result = [&] {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return bridge_tensor_op().redispatch(
+        ks & c10::after_ADInplaceOrView_keyset, t, grad_scale);
+  }();
+  return attach_to_graph(t, std::move(result), make_node<BridgeBackward>(grad_scale));
 }
 
 // NB: the dispatcher's two kernel hops and profiler check cost a large share
@@ -237,6 +338,12 @@ at::Tensor bridge(const at::Tensor& t, double grad_scale, bool attach) {
   return bridge_op().call(t, grad_scale, attach);
 }
 
+at::Tensor bridge(const at::Tensor& t, const at::Tensor& grad_scale) {
+  check_defined(t);
+  check_strided(t);
+  return bridge_tensor_op().call(t, grad_scale);
+}
+
 bool set_strict(bool enabled) {
   return strict_mode.exchange(enabled);
 }
@@ -245,36 +352,43 @@ bool is_strict() {
   return strict_mode.load();
 }
 
-// The schema marks the result as an alias of t, as detach's does; unlike
-// detach, no ADInplaceOrView kernel makes it an autograd view. A nonzero
-// grad_scale implies attach.
+// The schema marks the result as an alias of t, as detach's does. A nonzero
+// grad_scale implies attach; a grad_scale tensor always attaches.
 TORCH_LIBRARY(gradbridge, m) {
   m.def("bridge(Tensor(a) t, float grad_scale=0., bool attach=False) -> Tensor(a)");
+  m.def("bridge.Tensor(Tensor(a) t, Tensor grad_scale) -> Tensor(a)");
 }
 
 // The kernel moves no data, so one device-generic function serves every
 // backend it is registered for; Meta gives shape-only tracing.
 TORCH_LIBRARY_IMPL(gradbridge, CPU, m) {
   m.impl("bridge", &bridge_kernel);
+  m.impl("bridge.Tensor", &bridge_tensor_kernel);
 }
 TORCH_LIBRARY_IMPL(gradbridge, CUDA, m) {
   m.impl("bridge", &bridge_kernel);
+  m.impl("bridge.Tensor", &bridge_tensor_kernel);
 }
 TORCH_LIBRARY_IMPL(gradbridge, Meta, m) {
   m.impl("bridge", &bridge_kernel);
+  m.impl("bridge.Tensor", &bridge_tensor_kernel);
 }
 TORCH_LIBRARY_IMPL(gradbridge, CompositeExplicitAutograd, m) {
-  m.impl("bridge", &bridge_unsupported);
+  m.impl("bridge", &bridge_unsupported_scalar);
+  m.impl("bridge.Tensor", &bridge_unsupported_tensor);
 }
 // Nested tensors are not covered by CompositeExplicitAutograd.
 TORCH_LIBRARY_IMPL(gradbridge, NestedTensorCPU, m) {
-  m.impl("bridge", &bridge_unsupported);
+  m.impl("bridge", &bridge_unsupported_scalar);
+  m.impl("bridge.Tensor", &bridge_unsupported_tensor);
 }
 TORCH_LIBRARY_IMPL(gradbridge, NestedTensorCUDA, m) {
-  m.impl("bridge", &bridge_unsupported);
+  m.impl("bridge", &bridge_unsupported_scalar);
+  m.impl("bridge.Tensor", &bridge_unsupported_tensor);
 }
 TORCH_LIBRARY_IMPL(gradbridge, Autograd, m) {
   m.impl("bridge", &bridge_autograd);
+  m.impl("bridge.Tensor", &bridge_tensor_autograd);
 }
 
 } // namespace gradbridge

@@ -10,6 +10,9 @@ namespace gradbridge {
 // modes and tensor subclasses see it like any other operator; a cut nothing
 // would observe goes straight to the kernel (see the NB in bridge.cpp).
 at::Tensor bridge(const at::Tensor& t, double grad_scale = 0, bool attach = false);
+// The same with a 0-dim floating grad_scale tensor, saved for the backward:
+// always attached, and its gradient is grad_scale * grad (see BridgeBackward).
+at::Tensor bridge(const at::Tensor& t, const at::Tensor& grad_scale);
 
 // Strict mode: results share t's version counter, as detach()'s do, so
 // autograd raises when t is changed in place after C saved the result.

@@ -41,11 +41,12 @@ PyObject* type_error_for_tensor(PyObject* t) {
       Py_TYPE(t)->tp_name);
 }
 
-// Reads bridge's options from a vectorcall: grad_scale (positional or keyword)
-// and attach (keyword only; None means attached iff grad_scale != 0).
+// Reads bridge's options from a vectorcall: grad_scale (positional or keyword;
+// a number, or a tensor left in scale_tensor) and attach (keyword only; None
+// means attached iff grad_scale != 0).
 bool parse_options(
     PyObject* const* args, Py_ssize_t nargs, PyObject* kwnames,
-    double& grad_scale, bool& attach) {
+    double& grad_scale, PyObject*& scale_tensor, bool& attach) {
   if (nargs == 0) {
     PyErr_SetString(
         PyExc_TypeError, "bridge() missing its first argument t (positional only)");
@@ -78,9 +79,11 @@ bool parse_options(
     }
   }
   grad_scale = 0;
-  if (scale) {
+  if (scale && THPVariable_Check(scale)) {
+    scale_tensor = scale;
+  } else if (scale) {
     // A bool is most likely meant for attach; anything with __float__ (numpy
-    // scalars, 0-dim tensors) is a number.
+    // scalars) is a number.
     const bool is_bool = PyBool_Check(scale);
     grad_scale = is_bool ? 0 : PyFloat_AsDouble(scale);
     if (!is_bool && grad_scale == -1 && PyErr_Occurred()) {
@@ -105,11 +108,12 @@ bool parse_options(
       return false;
     }
   }
+  const bool needs_graph = scale_tensor || grad_scale != 0;
   if (attach_obj == Py_None) {
-    attach = grad_scale != 0;
+    attach = needs_graph;
   } else if (PyBool_Check(attach_obj)) {
     attach = attach_obj == Py_True;
-    if (!attach && grad_scale != 0) {
+    if (!attach && needs_graph) {
       PyErr_Format(
           PyExc_ValueError,
           "bridge(): attach=False cuts the graph, but grad_scale=%R needs it; "
@@ -135,9 +139,10 @@ PyObject* bridge(
     PyObject* module, PyObject* const* args, Py_ssize_t nargs, PyObject* kwnames) {
   HANDLE_TH_ERRORS
   double grad_scale = 0;
+  PyObject* scale_tensor = nullptr;
   bool attach = false;
   const bool cut = nargs == 1 && !kwnames;
-  if (!cut && !parse_options(args, nargs, kwnames, grad_scale, attach)) {
+  if (!cut && !parse_options(args, nargs, kwnames, grad_scale, scale_tensor, attach)) {
     return nullptr;
   }
   PyObject* t = args[0];
@@ -157,6 +162,10 @@ PyObject* bridge(
   }
   if (!THPVariable_Check(t)) {
     return type_error_for_tensor(t);
+  }
+  if (scale_tensor) {
+    return THPVariable_Wrap(
+        gradbridge::bridge(THPVariable_Unpack(t), THPVariable_Unpack(scale_tensor)));
   }
   return THPVariable_Wrap(
       gradbridge::bridge(THPVariable_Unpack(t), grad_scale, attach));

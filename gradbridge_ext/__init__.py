@@ -198,18 +198,29 @@ class Bridge(nn.Module):
         Bridge(grad_scale=-1.0: gradient to the input times -1.0, reversed)
     """
 
-    def __init__(self, grad_scale: float = 0.0, *, attach: bool | None = None) -> None:
+    def __init__(self, grad_scale: float | Tensor = 0.0, *, attach: bool | None = None) -> None:
         super().__init__()
         bridge(torch.empty(0, device="meta"), grad_scale, attach=attach)  # the same checks
-        self.grad_scale = float(grad_scale)
-        self.attach = grad_scale != 0 if attach is None else attach
+        if isinstance(grad_scale, Tensor):
+            # A buffer, so it moves with the module; update it in place for a schedule.
+            self.register_buffer("grad_scale", grad_scale)
+            self.attach = True
+        else:
+            self.grad_scale = float(grad_scale)
+            self.attach = grad_scale != 0 if attach is None else attach
 
     def forward(self, t: Tensor) -> Tensor:
+        if torch.jit.is_scripting():  # TorchScript sees the operator, not the C entry point
+            if isinstance(self.grad_scale, Tensor):
+                return torch.ops.gradbridge.bridge(t, self.grad_scale)
+            return torch.ops.gradbridge.bridge(t, self.grad_scale, self.attach)
         if not self.attach:
             return bridge(t)  # the cut's fast path reads one argument
         return bridge(t, self.grad_scale, attach=True)
 
     def extra_repr(self) -> str:
+        if isinstance(self.grad_scale, Tensor):
+            return "grad_scale=tensor: gradient to the input times the buffer grad_scale"
         if not self.attach:
             return "cut: no gradient to the input"
         if self.grad_scale == 0:

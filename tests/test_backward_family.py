@@ -37,7 +37,7 @@ def test_scaled_backward_is_grad_scale_times_the_gradient(grad_scale: float, dev
     result = bridge(b, grad_scale)
     assert_alias(result, b)
     assert result.requires_grad and result.grad_fn.name() == "BridgeBackward"
-    assert result._base is None and result._version == 0  # not a view, its own counter
+    assert result._base is b and result._version == b._version  # a custom Function's view of b
     got = grad_of_x(result, x, weights)
     x_ref, b_ref = upstream(device)
     with torch.no_grad():
@@ -179,11 +179,34 @@ def test_attached_results_share_the_version_counter_so_inplace_changes_are_caugh
     x = torch.ones(3, requires_grad=True)
     b = x * 2
     saved = b * torch.ones(3, requires_grad=True)  # mul saves b
-    reversed_ = bridge(b, -1.0)
-    reversed_.relu_()  # writes b's storage through the result
+    with torch.no_grad():
+        reversed_ = bridge(b, -1.0)
+    reversed_.relu_()  # made outside the graph, so it may write b's storage
     assert b._version == reversed_._version == 1
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         saved.sum().backward()
+
+
+@pytest.mark.parametrize("kwargs", [{"grad_scale": -1.0}, {"attach": True}, {"grad_scale": "tensor"}])
+@pytest.mark.parametrize("entry", ["bridge", "torch.ops", "Bridge"])
+def test_inplace_through_an_attached_result_raises_as_for_a_custom_function_view(entry: str, kwargs: dict) -> None:
+    # An in-place op would silently write t and replace bridge's backward; every
+    # gradient reversal layer on PyPI gets this same error from autograd.
+    if kwargs.get("grad_scale") == "tensor":
+        kwargs = {"grad_scale": torch.tensor(-1.0)}
+    call = {
+        "bridge": lambda t: bridge(t, **kwargs),
+        "torch.ops": lambda t: torch.ops.gradbridge.bridge(t, kwargs.get("grad_scale", 0.0), attach=True),
+        "Bridge": Bridge(**kwargs),
+    }[entry]
+    for t in (torch.ones(3, requires_grad=True) * 1, nn.Parameter(torch.ones(3))):
+        result = call(t)
+        with pytest.raises(RuntimeError, match="Output 0 of Bridge is a view and is being modified inplace"):
+            result.relu_()
+        assert t.tolist() == [1.0, 1.0, 1.0] and result._version == t._version == 0
+    pypi = pytest.importorskip("pytorch_revgrad").RevGrad()(torch.ones(3, requires_grad=True) * 1)
+    with pytest.raises(RuntimeError, match="is a view and is being modified inplace"):
+        pypi.relu_()
 
 
 def test_forward_ad_cut_drops_the_tangent_and_attached_forms_refuse() -> None:
@@ -284,3 +307,65 @@ def test_strict_mode_refuses_a_value_it_does_not_know() -> None:
     out = subprocess.run([sys.executable, "-c", "import gradbridge_ext"], env=env,
                          capture_output=True, text=True)  # fmt: skip
     assert out.returncode != 0 and "GRADBRIDGE_STRICT='sometimes': expected 1 or 0" in out.stderr
+
+
+def test_a_grad_scale_tensor_scales_by_its_value_at_the_forward(device: str) -> None:
+    scale = torch.tensor(-0.5, device=device)
+    x = torch.ones(3, device=device, requires_grad=True)
+    # torch.ops's overload resolution takes a 0-dim tensor as a float, so the tensor form is named.
+    for entry in (lambda t: bridge(t, scale), lambda t: torch.ops.gradbridge.bridge.Tensor(t, scale), Bridge(grad_scale=scale)):
+        x.grad = None
+        result = entry(x * 2)
+        assert result.grad_fn.name() == "BridgeBackward"
+        result.sum().backward()
+        assert x.grad.tolist() == [-1.0, -1.0, -1.0]
+    with torch.no_grad():
+        scale.fill_(3.0)  # a schedule's step between iterations
+    x.grad = None
+    bridge(x * 2, scale).sum().backward()
+    assert x.grad.tolist() == [6.0, 6.0, 6.0]
+
+
+def test_a_grad_scale_tensor_changed_before_the_backward_raises() -> None:
+    scale, x = torch.tensor(-1.0), torch.ones(3, requires_grad=True)
+    result = bridge(x * 2, scale)
+    scale.fill_(2.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        result.sum().backward()
+
+
+def test_a_grad_scale_tensor_gets_no_gradient_and_a_zero_one_gives_zeros() -> None:
+    scale, x = torch.tensor(0.0, requires_grad=True), torch.ones(3, requires_grad=True)
+    bridge(x * 2, scale).sum().backward()
+    assert x.grad.tolist() == [0.0, 0.0, 0.0]  # zeros, not None: knowing it is 0 would need a host sync
+    assert scale.grad is None  # the forward does not depend on it
+
+
+def test_a_cpu_grad_scale_tensor_scales_a_gradient_on_any_device(device: str) -> None:
+    x = torch.ones(3, device=device, requires_grad=True)
+    bridge(x * 1, torch.tensor(-2.0)).sum().backward()
+    assert x.grad.tolist() == [-2.0, -2.0, -2.0]
+
+
+@pytest.mark.parametrize(
+    "scale, kwargs, error, match",
+    [
+        (torch.ones(2), {}, ValueError, "must be 0-dim and floating, got a 1-dim Float tensor"),
+        (torch.tensor(1), {}, ValueError, "must be 0-dim and floating, got a 0-dim Long tensor"),
+        (torch.tensor(1.0), {"attach": False}, ValueError, "attach=False cuts the graph"),
+    ],
+)
+def test_bad_grad_scale_tensors_raise(scale: torch.Tensor, kwargs: dict, error: type, match: str) -> None:
+    for call in (lambda: bridge(torch.ones(2), scale, **kwargs), lambda: Bridge(grad_scale=scale, **kwargs)):
+        with pytest.raises(error, match=match):
+            call()
+    if not kwargs:
+        with pytest.raises(error, match=match):
+            torch.ops.gradbridge.bridge.Tensor(torch.ones(2), scale)
+
+
+def test_bridge_keeps_a_grad_scale_tensor_as_a_buffer() -> None:
+    scale = torch.tensor(-1.0)
+    module = Bridge(grad_scale=scale)
+    assert module.grad_scale is scale and "grad_scale" in dict(module.named_buffers())
+    assert module.to(torch.float64).grad_scale.dtype == torch.float64  # moves with the module

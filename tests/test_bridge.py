@@ -59,6 +59,14 @@ def assert_alias(result: torch.Tensor, t: torch.Tensor) -> None:
     assert result.is_neg() == t.is_neg()
 
 
+def assert_view_only_if_recorded(result: torch.Tensor, t: torch.Tensor) -> None:
+    """A result in the graph is what autograd.Function returns for a view: a view of t's base."""
+    if result.requires_grad:
+        assert result._is_view() and result._base is (t if t._base is None else t._base)
+    else:
+        assert result._base is None and not result._is_view()
+
+
 def assert_cut(result: torch.Tensor) -> None:
     """Not an autograd view, a leaf, no history."""
     assert result._base is None

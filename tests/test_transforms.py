@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -84,3 +85,99 @@ def test_opcheck_the_attached_forms(args: tuple[float, bool]) -> None:
         torch.ops.gradbridge.bridge.default, (t, *args),
         test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
     )  # fmt: skip
+
+
+# A lambda schedule as DANN ramps it: a new grad_scale every step.
+SCHEDULE = [-(2 / (1 + math.exp(-10 * step / 100)) - 1) - 0.01 for step in range(100)]
+
+
+class ScheduledHeads(nn.Module):
+    """Every way to feed a schedule: a float argument, a module attribute, a tensor buffer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.B = nn.Linear(4, 4)
+        self.heads = nn.ModuleList(nn.Linear(4, 2) for _ in range(5))
+        self.by_attribute = Bridge(grad_scale=-1.0)
+        self.by_tensor = Bridge(grad_scale=torch.tensor(-1.0))
+        self.cut, self.attached = Bridge(), Bridge(attach=True)
+
+    def forward(self, x: torch.Tensor, grad_scale: float) -> torch.Tensor:
+        b = self.B(x)
+        cuts = (lambda b: bridge(b, grad_scale), self.by_attribute, self.by_tensor, self.cut, self.attached)
+        # tanh keeps the reversed heads, which push B to grow their losses, bounded over 100 steps.
+        return sum(head(cut(b)).tanh().sum() for head, cut in zip(self.heads, cuts)) + b.tanh().sum()
+
+
+def train_on_schedule(model: ScheduledHeads, forward, device: str) -> list[torch.Tensor]:
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    torch.manual_seed(1)
+    for grad_scale in SCHEDULE:
+        model.by_attribute.grad_scale = grad_scale
+        model.by_tensor.grad_scale.fill_(grad_scale)
+        optimizer.zero_grad()
+        forward(torch.randn(8, 4, device=device), grad_scale).backward()
+        optimizer.step()
+    return [p.detach() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("dynamic", [None, True])
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compile_follows_a_schedule_with_at_most_one_recompile(backend: str, dynamic: bool | None, device: str) -> None:
+    torch.manual_seed(0)
+    eager = ScheduledHeads().to(device)
+    compiled_model = copy.deepcopy(eager)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = torch.compile(compiled_model, fullgraph=True, backend=backend, dynamic=dynamic)  # breaks would raise
+    expected = train_on_schedule(eager, eager, device)
+    got = train_on_schedule(compiled_model, compiled, device)
+    # One graph, and one more at most: automatic dynamic recompiles once when the float first changes.
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 2
+    assert all(e.isfinite().all() for e in expected)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e)
+
+
+def test_compile_static_specializes_floats_so_a_tensor_schedule_is_the_one_for_it() -> None:
+    # dynamic=False makes dynamo guard on every Python float's value: a float
+    # schedule recompiles each step (documented), a tensor grad_scale never does.
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    scale = torch.tensor(-1.0)
+    model = nn.Sequential(nn.Linear(4, 4), Bridge(grad_scale=scale), nn.Linear(4, 2))
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager", dynamic=False)
+    for value in SCHEDULE[:20]:
+        scale.fill_(value)
+        compiled(torch.randn(3, 4)).sum().backward()
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
+def test_compile_refuses_a_constant_non_finite_grad_scale() -> None:
+    compiled = torch.compile(lambda t, s: bridge(t * 2, s), backend="aot_eager")  # a break runs it eagerly
+    for bad in (float("nan"), float("inf")):
+        torch._dynamo.reset()
+        with pytest.raises(ValueError, match="grad_scale must be a finite number"):
+            compiled(torch.ones(2, requires_grad=True), bad)
+
+
+def test_the_cut_compiles_to_detach() -> None:
+    graphs: list[torch.fx.GraphModule] = []
+
+    def record(gm: torch.fx.GraphModule, example_inputs: list) -> torch.fx.GraphModule:
+        graphs.append(gm)
+        return gm
+
+    torch._dynamo.reset()
+    torch.compile(lambda t: bridge(t), backend=record, fullgraph=True)(torch.ones(2))
+    targets = [node.target for node in graphs[0].graph.nodes if node.op in ("call_function", "call_method")]
+    assert targets == ["detach"]  # no copy, no kernel: a view op
+
+
+def test_vmap_with_a_grad_scale_tensor() -> None:
+    x, scale = torch.randn(4, 3), torch.tensor(-2.0)
+    assert torch.equal(tf.vmap(lambda t: bridge(t, scale))(x), x)
+    per_sample = tf.vmap(tf.grad(lambda xi: bridge(xi, scale).sum()))(x)
+    assert torch.equal(per_sample, torch.full_like(x, -2.0))
+    with pytest.raises(ValueError, match="must be the same for the whole batch"):
+        tf.vmap(lambda t, s: bridge(t, s))(x, torch.ones(4))
