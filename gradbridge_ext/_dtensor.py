@@ -1,0 +1,158 @@
+"""bridge of a DTensor: the same mesh and placements, the bridge of its local shard.
+
+DTensor runs an operator only if it has a sharding rule for it, and has none for
+ours. bridge moves no data, so its rule is ``aten.detach``'s: the output has the
+input's placements, whatever they are (Replicate, Shard, Partial), on every mesh
+dimension, and ``t`` is never redistributed. DTensor then calls the operator on
+the local tensor, so the local result is ``bridge(t.to_local(), grad_scale, attach)``
+(an alias of the input's shard), and the operator's autograd kernel, which runs
+on the DTensor itself, gives the gradient of each setting.
+
+The rule is registered with ``torch.distributed.tensor.experimental.register_sharding``
+(public, experimental, torch >= 2.5). Importing ``torch.distributed.tensor`` costs
+a quarter of a second to seconds, more than ``import gradbridge_ext`` may add over
+``import torch``, and only a program that makes DTensors needs the rule; so the
+rule is registered when ``torch.distributed.tensor`` is imported: at once if it
+already is, or else right after it finishes loading, by a finder on
+``sys.meta_path`` that wraps its loader (a post-import hook, written with
+importlib's public API). Nothing here raises on a torch that cannot register
+the rule; it warns once, when DTensor is imported, saying why, because DTensor's
+own error ("does not have a sharding strategy registered") will not.
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.machinery
+import sys
+import threading
+import warnings
+from collections.abc import Sequence
+from types import ModuleType
+from typing import Any
+
+import torch
+
+DTENSOR_MODULE = "torch.distributed.tensor"
+
+# Why the rule is not registered, once registration has been tried and failed
+# (None: registered, or not tried yet because DTensor has not been imported).
+skipped: str | None = None
+registered = False
+_lock = threading.Lock()
+
+
+def bridge_sharding(t: Any, *options: Any, **keyword_options: Any) -> list[tuple[list, list]]:
+    """The sharding rule for register_sharding: output placements = ``t``'s placements.
+
+    register_sharding expands one mesh dimension's choices to every dimension,
+    so offering each placement ``t`` has, as detach's rule does, includes the
+    choice that keeps ``t`` exactly as it is; no other is offered, so DTensor
+    never moves ``t``'s data for a bridge. ``t`` is DTensor's spec of the input
+    (it has ``placements``). The options (``grad_scale`` and ``attach``, or
+    ``bridge.Tensor``'s 0-dim ``grad_scale`` tensor) are not sharded: ``None``
+    for a number or bool, ``Replicate()`` for a tensor, which DTensor replicates
+    if it is not already.
+    """
+    from torch.distributed.tensor import Replicate
+
+    rest = [Replicate() if hasattr(o, "placements") else None for o in (*options, *keyword_options.values())]
+    return [([placement], [placement, *rest]) for placement in dict.fromkeys(t.placements)]
+
+
+def register() -> None:
+    """Register bridge's sharding rule with DTensor, or record and warn why not.
+
+    Called once ``torch.distributed.tensor`` has been imported; never raises.
+    """
+    global registered, skipped
+    with _lock:
+        if registered or skipped is not None:
+            return
+        try:
+            from torch.distributed.tensor.experimental import register_sharding
+        except Exception as error:  # noqa: BLE001 (any failure only disables the rule)
+            skipped = (
+                f"torch {torch.__version__} has no usable "
+                f"torch.distributed.tensor.experimental.register_sharding (torch >= 2.5 has it): "
+                f"{type(error).__name__}: {error}"
+            )
+        else:
+            try:
+                packet = torch.ops.gradbridge.bridge
+                register_sharding([getattr(packet, name) for name in packet.overloads()])(bridge_sharding)
+                registered = True
+            except Exception as error:  # noqa: BLE001
+                skipped = f"register_sharding failed on torch {torch.__version__}: {type(error).__name__}: {error}"
+        if skipped is not None:
+            warnings.warn(
+                f"gradbridge_ext: bridge of a DTensor will fail (DTensor has no sharding rule for "
+                f"gradbridge.bridge): {skipped}",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+
+
+class _RegisterAfterLoading(importlib.abc.Loader):
+    """Runs the real loader of torch.distributed.tensor, then registers the rule."""
+
+    def __init__(self, loader: importlib.abc.Loader) -> None:
+        self.loader = loader
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType | None:
+        return self.loader.create_module(spec)
+
+    def __getattr__(self, name: str) -> Any:  # get_source, is_package ... while the module runs
+        return getattr(self.loader, name)
+
+    def exec_module(self, module: ModuleType) -> None:
+        try:
+            self.loader.exec_module(module)
+        except BaseException:
+            sys.meta_path.insert(0, _finder)  # watch the next try
+            raise
+        # The spec keeps the real loader for reloads and for whoever reads it.
+        if module.__spec__ is not None:
+            module.__spec__.loader = self.loader
+        module.__loader__ = self.loader
+        register()
+
+
+class _RegisterOnImport(importlib.abc.MetaPathFinder):
+    """Finds torch.distributed.tensor with the other finders, and wraps its loader."""
+
+    def find_spec(
+        self, name: str, path: Sequence[str] | None, target: ModuleType | None = None
+    ) -> importlib.machinery.ModuleSpec | None:
+        if name != DTENSOR_MODULE:
+            return None
+        uninstall()  # one import to watch (a failed one reinstalls it)
+        for finder in sys.meta_path:
+            find_spec = getattr(finder, "find_spec", None)
+            spec = find_spec(name, path, target) if find_spec is not None else None
+            if spec is not None:
+                if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+                    spec.loader = _RegisterAfterLoading(spec.loader)
+                return spec
+        return None
+
+
+_finder = _RegisterOnImport()
+
+
+def uninstall() -> None:
+    try:
+        sys.meta_path.remove(_finder)
+    except ValueError:
+        pass
+
+
+def install() -> None:
+    """Register now if DTensor is loaded, else when it is imported."""
+    if DTENSOR_MODULE in sys.modules:
+        register()
+    elif _finder not in sys.meta_path:
+        sys.meta_path.insert(0, _finder)
+
+
+install()

@@ -1,0 +1,382 @@
+"""bridge of a DTensor (gradbridge_ext/_dtensor.py): two CPU processes over gloo on loopback.
+
+One launch of two ranks runs every distributed check, each recorded by name; the
+tests below read the records, one test per check. The process handling follows
+tests/test_ddp.py.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import importlib.util
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import traceback
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+
+import gradbridge_ext
+import gradbridge_ext._dtensor as dtensor_rule  # registers the rule (the package does, once hooked)
+from gradbridge_ext import Bridge, BridgeFunction, bridge
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+
+WORLD = 2
+STEPS = 3
+# A stuck collective must fail its test, not stall the suite: gloo gives up after
+# COLLECTIVE_TIMEOUT; a rank still alive at RANK_DEADLINE_S prints its stack and
+# exits; the parent stops waiting a minute later.
+COLLECTIVE_TIMEOUT = timedelta(seconds=60)
+RANK_DEADLINE_S = 120
+
+SETTINGS: dict[str, dict] = {
+    "cut": {},
+    "reversal": {"grad_scale": -1.5},
+    "attach": {"attach": True},
+    "tensor scale": {"grad_scale": torch.tensor(-1.5)},  # the bridge.Tensor overload
+}
+HAS_TENSOR_OVERLOAD = "Tensor" in torch.ops.gradbridge.bridge.overloads()
+SKIP = "skip: "
+
+ENTRY_POINTS: dict[str, Callable[[torch.Tensor, dict], torch.Tensor]] = {
+    "bridge": lambda t, kw: bridge(t, **kw),
+    "Bridge": lambda t, kw: Bridge(**kw)(t),
+    # Keywords, so that the cut passes t alone; a nonzero grad_scale implies attach.
+    "torch.ops": lambda t, kw: torch.ops.gradbridge.bridge(t, **kw),
+    "BridgeFunction": lambda t, kw: BridgeFunction.apply(t),  # the cut only
+}
+
+PLACEMENTS = ["Shard(0)", "Replicate()"]
+
+CASES = [
+    f"{entry}/{setting}/{placement}"
+    for entry in ENTRY_POINTS
+    for setting in SETTINGS
+    if entry != "BridgeFunction" or setting == "cut"
+    for placement in PLACEMENTS
+]
+OTHER_CHECKS = ["partial and 2-d mesh", "tensor parallel", "fully_shard"]
+
+
+# --- the ranks ---------------------------------------------------------------------------
+
+
+def placements_of(name: str) -> list:
+    from torch.distributed.tensor import Replicate, Shard
+
+    return [{"Shard(0)": Shard(0), "Replicate()": Replicate()}[name]]
+
+
+class Skip(Exception):
+    """A check that does not apply to this build."""
+
+
+def check_case(mesh, entry: str, setting: str, placement: str) -> None:
+    """Forward: a DTensor on t's mesh with t's placements, over an alias of t's shard.
+    Backward: the setting's gradient, as for a plain tensor."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if setting == "tensor scale" and not HAS_TENSOR_OVERLOAD:
+        raise Skip("this build of gradbridge has no bridge.Tensor overload")
+    kwargs = SETTINGS[setting]
+    placements = placements_of(placement)
+    x_full = torch.arange(24.0).reshape(6, 4) - 10
+    w_full = torch.linspace(-1, 1, 24).reshape(6, 4)
+    x = distribute_tensor(x_full, mesh, placements).requires_grad_()
+    w = distribute_tensor(w_full, mesh, placements).requires_grad_()
+    y = x * 2  # B's output: not a leaf
+
+    r = ENTRY_POINTS[entry](y, kwargs)
+
+    assert isinstance(r, DTensor), type(r)
+    assert r.device_mesh == y.device_mesh, (r.device_mesh, y.device_mesh)
+    assert r.placements == y.placements, (r.placements, y.placements)
+    assert r.shape == y.shape and r.stride() == y.stride(), (r.shape, r.stride())
+    local, y_local = r.to_local(), y.to_local()
+    assert local.data_ptr() == y_local.data_ptr(), "the local result is not an alias of the input's shard"
+    assert local.shape == y_local.shape and local.stride() == y_local.stride()
+    assert torch.equal(local, y_local)
+    attached = setting != "cut"
+    assert r.requires_grad == attached, r.requires_grad
+    if attached:
+        assert r.grad_fn is not None and r.grad_fn.name() == "BridgeBackward", r.grad_fn
+    else:
+        assert r.grad_fn is None, r.grad_fn
+
+    (r * w).sum().full_tensor().backward()
+
+    torch.testing.assert_close(w.grad.full_tensor(), 2 * x_full)  # C learns from b ...
+    scale = float(kwargs.get("grad_scale", 0.0))
+    if scale == 0:  # ... and B gets nothing (autograd's zero, not zeros)
+        assert x.grad is None, x.grad
+    else:
+        torch.testing.assert_close(x.grad.full_tensor(), scale * 2 * w_full)
+    assert torch.equal(r.full_tensor(), 2 * x_full)
+
+
+def check_partial_and_2d_mesh(mesh) -> None:
+    """Placements the rule passes through as detach's does: Partial, and one per dimension of a 2-d mesh."""
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, init_device_mesh
+
+    rank = dist.get_rank()
+    partial = DTensor.from_local(torch.full((2, 3), float(rank + 1)), mesh, [Partial()])
+    mesh_2d = init_device_mesh("cpu", (1, WORLD), mesh_dim_names=("dp", "tp"))
+    for t in (partial, DTensor.from_local(torch.randn(2, 3), mesh_2d, [Replicate(), Shard(1)])):
+        for kwargs in SETTINGS.values():
+            r = bridge(t, **kwargs)
+            assert r.device_mesh == t.device_mesh and r.placements == t.placements, (r.placements, t.placements)
+            assert r.to_local().data_ptr() == t.to_local().data_ptr()
+    torch.testing.assert_close(bridge(partial).full_tensor(), torch.full((2, 3), 3.0))
+
+
+class Reversal(torch.autograd.Function):
+    """The plain Python gradient reversal layer: grad_scale=-1."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor) -> torch.Tensor:
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return -grad
+
+
+class Detach(nn.Module):
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return t.detach()
+
+
+class PythonReversal(nn.Module):
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return Reversal.apply(t)
+
+
+class Block(nn.Module):
+    """A -> cut -> C, with a loss on A's output and one on C's, so both settings matter to A."""
+
+    def __init__(self, cut: nn.Module) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.A, self.C = nn.Linear(4, 8), nn.Linear(8, 4)
+        self.cut = cut
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.A(x)
+        loss_a = a.pow(2).mean()
+        if hasattr(loss_a, "full_tensor"):
+            loss_a = loss_a.full_tensor()
+        c = self.C(self.cut(a))
+        if hasattr(c, "full_tensor"):
+            c = c.full_tensor()
+        return loss_a + F.mse_loss(c, torch.ones(len(x), 4))
+
+
+def train(model: nn.Module) -> dict[str, torch.Tensor]:
+    torch.manual_seed(1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(STEPS):
+        opt.zero_grad(set_to_none=True)
+        model(torch.randn(8, 4)).backward()
+        opt.step()
+    return {name: getattr(p, "full_tensor", lambda p=p: p)().detach().clone() for name, p in model.named_parameters()}
+
+
+def assert_same(got: dict, expected: dict, label: str) -> None:
+    for name, value in expected.items():
+        torch.testing.assert_close(got[name], value, rtol=0, atol=0, msg=lambda m, n=name: f"{label}, {n}: {m}")
+
+
+def check_tensor_parallel(mesh) -> None:
+    """ColwiseParallel (DTensor output) -> bridge -> RowwiseParallel, against detach and a Python reversal."""
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    seen: list[type] = []
+
+    def parallel(cut: nn.Module) -> nn.Module:
+        cut.register_forward_pre_hook(lambda module, args: seen.append(type(args[0])))
+        return parallelize_module(
+            Block(cut), mesh, {"A": ColwiseParallel(use_local_output=False), "C": RowwiseParallel()}
+        )
+
+    reference = {"cut": train(parallel(Detach())), "reversal": train(parallel(PythonReversal()))}
+    assert seen and all(kind is DTensor for kind in seen), seen
+    assert not all(torch.equal(reference["cut"][n], reference["reversal"][n]) for n in ("A.weight", "A.bias")), (
+        "the reversal does not change A: the check would not see a wrong gradient"
+    )
+    assert_same(train(parallel(Bridge())), reference["cut"], "Bridge()")
+    assert_same(train(parallel(Bridge(attach=True))), reference["cut"], "Bridge(attach=True)")
+    assert_same(train(parallel(Bridge(grad_scale=-1.0))), reference["reversal"], "Bridge(grad_scale=-1.0)")
+
+
+def check_fully_shard(mesh) -> None:
+    """Regression: FSDP2 with a Bridge inside trains as with detach()."""
+    from torch.distributed.fsdp import fully_shard
+
+    def sharded(cut: nn.Module) -> nn.Module:
+        model = Block(cut)
+        fully_shard(model.A, mesh=mesh)
+        fully_shard(model.C, mesh=mesh)
+        return fully_shard(model, mesh=mesh)
+
+    assert_same(train(sharded(Bridge())), train(sharded(Detach())), "fully_shard, Bridge()")
+
+
+def run_checks(rank: int) -> dict[str, str | None]:
+    from torch.distributed.tensor import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    checks: dict[str, Callable[[], None]] = {
+        name: (lambda name=name: check_case(mesh, *name.split("/"))) for name in CASES
+    }
+    checks["partial and 2-d mesh"] = lambda: check_partial_and_2d_mesh(mesh)
+    checks["tensor parallel"] = lambda: check_tensor_parallel(mesh)
+    checks["fully_shard"] = lambda: check_fully_shard(mesh)
+    results: dict[str, str | None] = {}
+    for name, check in checks.items():
+        try:
+            check()
+            results[name] = None
+        except Skip as reason:
+            results[name] = SKIP + str(reason)
+        except Exception:  # noqa: BLE001 (recorded for the test of that name)
+            results[name] = f"rank {rank}: {traceback.format_exc()}"
+        dist.barrier()  # a rank that failed early must not leave the other in a collective
+    return results
+
+
+def worker(rank: int, init: str, out: str) -> None:
+    faulthandler.dump_traceback_later(RANK_DEADLINE_S, exit=True)
+    torch.set_num_threads(1)  # two ranks share a 2-core CI machine
+    # Loopback, whatever the host name resolves to on the machine running the tests.
+    if "lo" in {name for _, name in socket.if_nameindex()}:
+        os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    status = 1
+    try:
+        dist.init_process_group("gloo", init_method=init, rank=rank, world_size=WORLD, timeout=COLLECTIVE_TIMEOUT)
+        torch.save(run_checks(rank), Path(out) / f"rank{rank}.pt")
+        dist.destroy_process_group()
+        status = 0
+    except BaseException:  # noqa: BLE001 (printed here; the parent sees the exit status)
+        traceback.print_exc()
+    finally:
+        # Without destructors, as in test_ddp.py (torch 2.13 can hang tearing down gloo).
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, str | None]]:
+    out = tmp_path_factory.mktemp("dtensor")
+    init = f"file://{out / 'rendezvous'}"
+    ranks = mp.spawn(worker, args=(init, str(out)), nprocs=WORLD, join=False)
+    deadline = time.monotonic() + RANK_DEADLINE_S + 60
+    while not ranks.join(timeout=1.0):  # raises if a rank failed
+        if time.monotonic() > deadline:
+            for process in ranks.processes:
+                process.kill()
+            pytest.fail(f"the DTensor ranks did not finish in {RANK_DEADLINE_S + 60} s")
+    return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_entry_point_setting_placement(records: list[dict], case: str) -> None:
+    for record in records:
+        if record[case] and record[case].startswith(SKIP):
+            pytest.skip(record[case][len(SKIP) :])
+        assert record[case] is None, record[case]
+
+
+@pytest.mark.parametrize("check", OTHER_CHECKS)
+def test_distributed(records: list[dict], check: str) -> None:
+    for record in records:
+        assert record[check] is None, record[check]
+
+
+# --- one process: registration -----------------------------------------------------------
+
+
+def test_rule_is_registered_with_the_public_api() -> None:
+    # Pins what the rule needs from torch: the public register_sharding. A torch
+    # that moves or drops it turns this red (and warns at DTensor import).
+    import torch.distributed.tensor  # noqa: F401
+    from torch.distributed.tensor.experimental import register_sharding  # noqa: F401
+
+    assert dtensor_rule.skipped is None, dtensor_rule.skipped
+    assert dtensor_rule.registered
+
+
+def fresh_copy(name: str):
+    """Run _dtensor.py again as a new module, so its registration runs again."""
+    spec = importlib.util.spec_from_file_location(name, dtensor_rule.__file__)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_torch_without_register_sharding_warns_and_imports(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch.distributed.tensor  # noqa: F401 (so that the copy registers at once)
+
+    monkeypatch.setitem(sys.modules, "torch.distributed.tensor.experimental", None)  # import fails
+    with pytest.warns(RuntimeWarning, match="bridge of a DTensor will fail.*register_sharding"):
+        copy = fresh_copy("gradbridge_ext_dtensor_copy")
+    assert not copy.registered
+    assert "torch >= 2.5" in copy.skipped, copy.skipped
+
+
+def test_registers_when_torch_distributed_tensor_is_imported_later() -> None:
+    # gradbridge_ext may be imported before anything imports torch.distributed.tensor
+    # (today torch.compile's support does import it); then the rule must be
+    # registered when it is. A fresh interpreter loads the operator and this
+    # module without the package, so that nothing imports DTensor first.
+    c_library = next(Path(gradbridge_ext.__file__).parent.glob("_C*.so"), None)
+    if c_library is None:
+        pytest.skip("the operator was compiled at import, not installed beside the package")
+    script = textwrap.dedent(
+        f"""
+        import importlib.util, sys, warnings
+        warnings.simplefilter("error")
+        import torch
+        torch.ops.load_library({str(c_library)!r})
+        spec = importlib.util.spec_from_file_location("rule", {dtensor_rule.__file__!r})
+        rule = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(rule)
+        assert "torch.distributed.tensor" not in sys.modules
+        assert not rule.registered and rule._finder in sys.meta_path
+        sys.modules["torch.distributed.tensor._ops"] = None  # the first import fails at its first line ...
+        try:
+            import torch.distributed.tensor
+        except ImportError:
+            pass
+        else:
+            raise AssertionError("the import did not fail")
+        del sys.modules["torch.distributed.tensor._ops"]
+        assert not rule.registered and rule.skipped is None and rule._finder in sys.meta_path
+        from torch.distributed.tensor.parallel import ColwiseParallel  # ... the next registers
+        assert rule.registered and rule.skipped is None and rule._finder not in sys.meta_path
+        module = sys.modules["torch.distributed.tensor"]
+        assert module.__loader__ is module.__spec__.loader and type(module.__loader__).__name__ != "_RegisterAfterLoading"
+
+        import torch.distributed as dist
+        from torch.distributed.tensor import DTensor, Shard, init_device_mesh
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        d = DTensor.from_local(torch.ones(2, 2), init_device_mesh("cpu", (1,)), [Shard(0)])
+        assert torch.ops.gradbridge.bridge(d, -1.0).placements == (Shard(0),)
+        print("ok")
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr
