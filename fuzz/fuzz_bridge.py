@@ -278,14 +278,15 @@ ENTRIES = {"bridge": bridge, "torch.ops": torch.ops.gradbridge.bridge, "BridgeFu
 
 
 def check_alias(result, t, backward: bool = True) -> None:
-    """The invariants of a call that returned: an alias of t that is no autograd view."""
+    """The invariants of a call that returned: an alias of t, an autograd view only if recorded."""
     if isinstance(result, str) and result == TensorLike.ANSWER:
         return  # any argument may answer, torch.ops looks at all of them
     assert isinstance(t, torch.Tensor), f"a non-tensor {type(t)} was accepted"
     assert isinstance(result, torch.Tensor), type(result)
     assert result.shape == t.shape and result.dtype == t.dtype, (result.shape, t.shape)
     if type(t) in (torch.Tensor, nn.Parameter):  # a subclass is re-wrapped by as_subclass, a view, as detach() is
-        assert result._base is None
+        # An attached result in the graph is a custom Function's view of t (it refuses in-place ops).
+        assert result._base is (None if not result.requires_grad else t if t._base is None else t._base)
     try:
         data_ptr = t.data_ptr()
     except RuntimeError:  # wrapper subclasses, fake and batched tensors have none

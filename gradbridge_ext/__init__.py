@@ -230,3 +230,4 @@ class Bridge(nn.Module):
 
 
 from . import _transforms  # noqa: E402  (bridge's rules for torch.compile and vmap)
+from . import _dtensor  # noqa: E402,F401  (bridge's DTensor sharding rule, registered when torch.distributed.tensor is imported)
