@@ -1,14 +1,26 @@
-# Each target does its own set-up, so one command works on a fresh machine.
+# Each target does its own set-up, so one command works on a fresh machine; a
+# stamp per torch version skips the set-up until the sources or torch change.
 PYTHON ?= python3
+TORCH_VERSION = $(shell $(PYTHON) -c "import torch; print(torch.__version__)" 2>/dev/null)
+STAMP = .make/installed-torch-$(TORCH_VERSION)
+TEST_DEPS = "setuptools>=77" ninja pytest hypothesis numpy pytorch-revgrad torch-gradient-reversal onnx onnxscript onnxruntime
 
 .PHONY: setup test example bench bench-results
 
-# torch: the one already installed, else the 2.13.0 CPU build (a looser spec
-# would pull a multi-GB CUDA build). The operator is compiled against it.
-setup:
-	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install torch==2.13.0
-	$(PYTHON) -m pip install "setuptools>=77" ninja pytest hypothesis numpy pytorch-revgrad torch-gradient-reversal onnx onnxscript onnxruntime
+setup: $(STAMP)
+
+# torch: the one already installed (install yours first: CPU or CUDA, as you
+# want it). Only where none is importable does this install torch==2.13.0, and
+# which build pip picks depends on its index (PyPI's, on Linux x86_64, is the
+# CUDA build with its nvidia packages). The operator is compiled against it.
+$(STAMP): setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h)
+	@$(PYTHON) -c "import torch" 2>/dev/null || { \
+	  echo "make: no torch is importable; installing torch==2.13.0 with pip (which build depends on your pip's index)"; \
+	  $(PYTHON) -m pip install torch==2.13.0 && \
+	  $(PYTHON) -c "import torch; print('make: installed torch', torch.__version__, 'with CUDA ' + torch.version.cuda if torch.version.cuda else '(CPU only)')"; }
+	$(PYTHON) -m pip install $(TEST_DEPS)
 	$(PYTHON) -m pip install --no-build-isolation -e .
+	@rm -rf .make && mkdir -p .make && touch .make/installed-torch-$$($(PYTHON) -c "import torch; print(torch.__version__)")
 
 test: setup
 	$(PYTHON) -m pytest

@@ -101,12 +101,39 @@ def _table(title: str, states: dict[str, dict[str, Tensor]]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def _same(a: dict[str, Tensor], b: dict[str, Tensor], layers: str = "ABC") -> bool:
+    """Bitwise equal parameters of the given layers."""
+    return all(torch.equal(a[name], b[name]) for name in a if name[0] in layers)
+
+
+def conclusions(states: dict[int, dict[str, dict[str, Tensor]]]) -> list[tuple[str, bool]]:
+    """What the tables show, checked on them: each statement and whether it holds."""
+    initial = initial_state()
+    return [
+        (
+            "detach, the set_ trick and bridge give bitwise the same weights in every mode",
+            all(_same(by_cut["detach"], by_cut[cut]) for by_cut in states.values() for cut in ("set_", "bridge")),
+        ),
+        ("with no cut, C's loss (mode 1) also trains A and B", not _same(states[1]["none"], initial, "AB")),
+        ("with bridge, C's loss (mode 1) leaves A and B unchanged", _same(states[1]["bridge"], initial, "AB")),
+        ("with bridge, C's loss trains C", not _same(states[1]["bridge"], initial, "C")),
+        ("with bridge, B's loss (mode 0) leaves C unchanged", _same(states[0]["bridge"], initial, "C")),
+    ]
+
+
+def main() -> int:
+    print("Parameters of A, B and C after one SGD step, for each cut between B and C.")
     print(_table("initial", {"": initial_state()}))
+    states = {mode: {cut: run(cut, mode) for cut in CUTS} for mode in MODES}
     for mode, description in MODES.items():
         print()
-        print(_table(f"mode {mode}: {description}", {cut: run(cut, mode) for cut in CUTS}))
+        print(_table(f"mode {mode}: {description}", states[mode]))
+    print("\nChecked on the tables above:")
+    checked = conclusions(states)
+    for statement, holds in checked:
+        print(f"  [{'yes' if holds else 'NO '}] {statement}")
+    return 0 if all(holds for _, holds in checked) else 1
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

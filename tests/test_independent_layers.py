@@ -27,10 +27,7 @@ def _load() -> ModuleType:
 ex = _load()
 
 
-def _equal(s: dict[str, torch.Tensor], t: dict[str, torch.Tensor], layers: str = "ABC") -> bool:
-    keys = [k for k in s if k[0] in layers]
-    assert keys and s.keys() == t.keys()
-    return all(torch.equal(s[k], t[k]) for k in keys)
+_equal = ex._same  # the example's own comparison: bitwise, per layer
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -74,5 +71,16 @@ def test_script_runs() -> None:
     assert proc.returncode == 0, proc.stderr
     for word in ("initial", "none", "detach", "set_", "bridge", "weight"):
         assert word in proc.stdout
+    assert proc.stdout.count("[yes]") == 5 and "[NO ]" not in proc.stdout
     initial = ex.initial_state()
     assert f"{initial['A.weight'][0, 0].item():.4f}" in proc.stdout
+
+
+def test_the_printed_conclusions_are_computed(monkeypatch: pytest.MonkeyPatch) -> None:
+    states = {mode: {cut: ex.run(cut, mode) for cut in ex.CUTS} for mode in MODES}
+    assert all(holds for _, holds in ex.conclusions(states))
+    monkeypatch.setitem(ex.CUTS, "bridge", lambda b: b)  # a bridge that does not cut
+    broken = {mode: {cut: ex.run(cut, mode) for cut in ex.CUTS} for mode in MODES}
+    failed = [statement for statement, holds in ex.conclusions(broken) if not holds]
+    assert "with bridge, C's loss (mode 1) leaves A and B unchanged" in failed
+    assert "detach, the set_ trick and bridge give bitwise the same weights in every mode" in failed
