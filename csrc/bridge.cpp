@@ -51,10 +51,10 @@ at::Tensor bridge_alias(const at::Tensor& t, bool attached) {
   return at::Tensor(std::move(impl));
 }
 
-// NB: the message names the value without streaming a double. On some
-// toolchains (seen: GCC 13.3 with torch 2.11.0+cu130) any extension code that
-// formats a floating-point number through an iostream segfaults, c10::str
-// included; only nan and +-inf get here, so they are spelled out instead.
+// NB: the message names the value without streaming a number. On some
+// toolchains (seen: GCC 13.3 with torch 2.11.0+cu130) extension code that
+// formats a number through an iostream segfaults, c10::str included (doubles
+// and integers alike); only nan and +-inf get here, so they are spelled out.
 void check_grad_scale(double grad_scale) {
   TORCH_CHECK_VALUE(
       std::isfinite(grad_scale),
@@ -68,10 +68,12 @@ void check_grad_scale(double grad_scale) {
 void check_grad_scale(const at::Tensor& grad_scale) {
   TORCH_CHECK_TYPE(
       grad_scale.defined(), "gradbridge::bridge: grad_scale must be a number or a tensor, got None");
+  // NB: std::to_string, not the stream: on the toolchain that crashes on a
+  // streamed double (see check_grad_scale), a streamed integer crashes too.
   TORCH_CHECK_VALUE(
       grad_scale.dim() == 0 && at::isFloatingType(grad_scale.scalar_type()),
       "gradbridge::bridge: a grad_scale tensor must be 0-dim and floating, got a ",
-      grad_scale.dim(), "-dim ", grad_scale.scalar_type(), " tensor");
+      std::to_string(grad_scale.dim()), "-dim ", c10::toString(grad_scale.scalar_type()), " tensor");
 }
 
 // The forward is the same for every backward.
