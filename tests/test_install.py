@@ -111,3 +111,50 @@ def test_failed_compile_fails_with_a_fix(tmp_path: Path) -> None:
     assert result.returncode != 0
     assert "compiling it failed" in result.stderr
     assert "install a C++ compiler and ninja" in result.stderr
+
+
+def test_the_same_sources_elsewhere_load_the_cached_build(plain_install, tmp_path: Path) -> None:
+    # The cache is keyed by content, not by where the sources sit: a second copy compiles nothing.
+    root = plain_install[0]
+    package_copy(tmp_path, with_sources=True)
+    result = run_probe(cwd=tmp_path, cache=root / "cache", pythonpath=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "compiling" not in result.stderr
+    assert Path(result.stdout.split()[1]).is_relative_to(root / "cache")
+
+
+def test_a_compile_says_why(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(_extension.CACHE_ENV, str(tmp_path))
+    build_dir = _extension.cache_dir(_extension.sources())
+    assert _extension._why_compile_now(build_dir) == "first use"
+    other_torch = tmp_path / "torch-0.0.1-py30-0123456789abcdef"
+    other_torch.mkdir()
+    (other_torch / "_C.so").touch()
+    assert _extension._why_compile_now(build_dir).startswith("the cached builds are for another torch")
+    other_sources = tmp_path / (build_dir.name[:-16] + "0123456789abcdef")
+    other_sources.mkdir()
+    (other_sources / "_C.so").touch()
+    assert _extension._why_compile_now(build_dir) == "the sources changed since the cached build"
+
+
+def test_the_cache_key_is_the_content_not_the_place(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(_extension.CACHE_ENV, str(tmp_path / "cache"))
+    files = _extension.sources()
+    copies = []
+    for place in ("one", "two"):
+        shutil.copytree(files[0].parent, tmp_path / place)
+        copies.append([tmp_path / place / path.name for path in files])
+    assert _extension.cache_dir(copies[0]) == _extension.cache_dir(copies[1]) == _extension.cache_dir(files)
+    copies[1][0].write_text(copies[1][0].read_text() + "\n// a change\n")
+    assert _extension.cache_dir(copies[1]) != _extension.cache_dir(copies[0])
+
+
+def test_a_compiled_on_import_module_has_the_package_name(plain_install) -> None:
+    root, _ = plain_install
+    result = subprocess.run(
+        [sys.executable, "-c", "import gradbridge_ext as gb; print(gb._C.__name__)"],
+        cwd=root, env={**os.environ, _extension.CACHE_ENV: str(root / "cache"), "PYTHONPATH": str(root / "site")},
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "gradbridge_ext._C"
