@@ -181,3 +181,26 @@ def test_vmap_with_a_grad_scale_tensor() -> None:
     assert torch.equal(per_sample, torch.full_like(x, -2.0))
     with pytest.raises(ValueError, match="must be the same for the whole batch"):
         tf.vmap(lambda t, s: bridge(t, s))(x, torch.ones(4))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_a_tensor_schedule_runs_under_cuda_graphs() -> None:
+    # mode="reduce-overhead" replays CUDA graphs: the schedule must live on the
+    # device and change in place, with no host sync and no recompile.
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    scale = torch.tensor(-1.0, device="cuda")
+    torch.manual_seed(0)
+    eager = nn.Sequential(nn.Linear(4, 4), Bridge(grad_scale=scale), nn.Linear(4, 2)).cuda()
+    graphed_model = copy.deepcopy(eager)
+    graphed_model[1].grad_scale = scale  # both follow the one schedule tensor
+    compiled = torch.compile(graphed_model, mode="reduce-overhead", fullgraph=True)
+    x = torch.randn(8, 4, device="cuda")
+    for value in SCHEDULE[:10]:
+        scale.fill_(value)
+        for model, forward in ((eager, eager), (graphed_model, compiled)):
+            model.zero_grad()
+            forward(x).pow(2).sum().backward()
+        for got, expected in zip(graphed_model.parameters(), eager.parameters()):
+            torch.testing.assert_close(got.grad, expected.grad)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
