@@ -3,7 +3,10 @@
 #include <ATen/PythonTorchFunctionTLS.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
-#include <torch/extension.h>
+#include <torch/csrc/utils/object_ptr.h>
+#include <torch/csrc/utils/pybind.h>  // not torch/extension.h: the C++ frontend (nn, optim) it brings doubles the compile time
+
+#include <vector>
 
 #include "bridge.h"
 
