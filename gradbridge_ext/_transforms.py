@@ -25,6 +25,17 @@ from torch import Tensor
 from . import _C
 
 
+def _register_if_available(module: Any, name: str, *args: Any) -> Any:
+    """``module.name(*args)`` as a decorator, or leave the function alone where torch lacks it.
+
+    NB: substitute_in_graph and register_vmap are torch 2.5's. Without them bridge
+    still works eagerly; torch.compile breaks the graph at it, and vmap raises
+    torch's own error for a custom operator.
+    """
+    register = getattr(module, name, None)
+    return register(*args) if register is not None else lambda function: function
+
+
 class _AttachedBridge(torch.autograd.Function):
     """The attached forms: identity forward, ``grad_scale * grad`` or ``None`` backward."""
 
@@ -41,7 +52,7 @@ class _AttachedBridge(torch.autograd.Function):
         return (None if ctx.grad_scale == 0 else grad * ctx.grad_scale), None
 
 
-@torch.compiler.substitute_in_graph(_C.bridge)
+@_register_if_available(torch.compiler, "substitute_in_graph", _C.bridge)
 def bridge(t: Tensor, /, grad_scale: float = 0.0, *, attach: bool | None = None) -> Tensor:
     # The same checks as the eager entry (csrc/python.cpp), at trace time.
     if isinstance(grad_scale, bool) or not isinstance(grad_scale, numbers.Real):
@@ -59,7 +70,7 @@ def bridge(t: Tensor, /, grad_scale: float = 0.0, *, attach: bool | None = None)
     return _AttachedBridge.apply(t, grad_scale)
 
 
-@torch.library.register_vmap("gradbridge::bridge")
+@_register_if_available(torch.library, "register_vmap", "gradbridge::bridge")
 def _bridge_vmap(
     info: Any, in_dims: tuple[int | None, ...], t: Tensor, grad_scale: float = 0.0, attach: bool = False
 ) -> tuple[Tensor, int | None]:
