@@ -21,12 +21,11 @@ TORCH_VERSION_FILE = "_C.torch_version"  # read by gradbridge_ext/_extension.py
 setup_args = dict(
     packages=[PACKAGE, f"{PACKAGE}.csrc"],
     package_dir={f"{PACKAGE}.csrc": "csrc"},
-    package_data={PACKAGE: ["py.typed"], f"{PACKAGE}.csrc": ["*.cpp", "*.h", "cuda/*.cu"]},
+    package_data={PACKAGE: ["py.typed"], f"{PACKAGE}.csrc": ["*.cpp", "*.h"]},
 )
 
 try:
     import torch
-    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 except ImportError:
     print(
         f"{PACKAGE}: torch is not importable in this build environment (pip's build isolation?); "
@@ -35,6 +34,17 @@ except ImportError:
         file=sys.stderr,
     )
 else:
+    # torch is here, so a failure to load its build tools is a real error: say which.
+    try:
+        from torch.utils.cpp_extension import BuildExtension, CppExtension
+    except ImportError as error:
+        hint = ""
+        if error.name == "pkg_resources":
+            hint = (
+                f" torch {torch.__version__}'s cpp_extension imports pkg_resources, which setuptools 81 "
+                "removed: this torch needs 'setuptools<81'."
+            )
+        sys.exit(f"{PACKAGE}: cannot import torch.utils.cpp_extension: {error!r}.{hint}")
 
     class BuildExtensionForThisTorch(BuildExtension):
         """Build the operator and record which torch it was built against."""
@@ -45,16 +55,12 @@ else:
             with open(os.path.join(folder, TORCH_VERSION_FILE), "w") as f:
                 f.write(torch.__version__)
 
-    # The operator moves no data, so there is no .cu source today; the CUDA build
-    # only differs in what it links against. csrc/cuda/*.cu is where one would go.
-    sources = sorted(glob.glob("csrc/*.cpp"))
-    cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
-    # The same flags as the compile-on-import path (gradbridge_ext/_extension.py).
-    flags = {"cxx": ["-O3", "-DNDEBUG"], "nvcc": ["-O3", "-DNDEBUG"]}
-    if torch.version.cuda and CUDA_HOME:
-        extension = CUDAExtension(EXTENSION, sources + cuda_sources, extra_compile_args=flags)
-    else:
-        extension = CppExtension(EXTENSION, sources, extra_compile_args=flags["cxx"])
+    # NB: a CppExtension also for a CUDA torch. The operator moves no data, so it
+    # has no .cu source: its CUDA kernel is registered from C++ and needs no nvcc.
+    # A CUDAExtension would link -lcudart, which fails on a machine with nvcc but
+    # without the CUDA runtime libraries. The flags are the compile-on-import
+    # path's (gradbridge_ext/_extension.py).
+    extension = CppExtension(EXTENSION, sorted(glob.glob("csrc/*.cpp")), extra_compile_args=["-O3", "-DNDEBUG"])
     setup_args.update(ext_modules=[extension], cmdclass={"build_ext": BuildExtensionForThisTorch})
 
 setup(**setup_args)

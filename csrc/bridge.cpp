@@ -12,6 +12,7 @@
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/autograd/saved_variable.h>
 #include <torch/library.h>
+#include <torch/version.h>
 
 #include <atomic>
 #include <cmath>
@@ -96,7 +97,10 @@ const char* layout_name(at::Layout layout) {
     case at::kSparseBsr: return "torch.sparse_bsr";
     case at::kSparseBsc: return "torch.sparse_bsc";
     case at::kMkldnn: return "torch._mkldnn";
+    // NB: torch 2.1 has no jagged layout (nested tensors there are strided).
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 2)
     case at::kJagged: return "torch.jagged";
+#endif
     default: return "other than torch.strided";
   }
 }

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +21,28 @@ from . import _extension
 
 __all__ = ["Bridge", "BridgeFunction", "bridge", "strict"]
 
+# The torch releases CI tests (.ci/matrix, oldest and newest); the oldest is
+# pyproject.toml's floor.
+TESTED_TORCH = ("2.1", "2.15")
+
+
+def _minor(version: str) -> tuple[int, ...]:
+    """``(2, 5)`` for "2.5.1+cu124" or "2.5": what a release of torch is known by."""
+    return tuple(int(part) for part in version.split(".")[:2])
+
+
+def _warn_if_untested_torch() -> None:
+    # A newer torch usually works: say it is untested rather than refuse it.
+    if _minor(torch.__version__) > _minor(TESTED_TORCH[1]):
+        warnings.warn(
+            f"gradbridge_ext is tested with torch {TESTED_TORCH[0]} to {TESTED_TORCH[1]}; "
+            f"torch {torch.__version__} is newer and untested",
+            UserWarning,
+            stacklevel=2,
+        )
+
+
+_warn_if_untested_torch()
 _C = _extension.load()
 
 _BRIDGE_DOC = r"""bridge(t, /, grad_scale=0.0, *, attach=None)

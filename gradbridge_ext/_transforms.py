@@ -28,6 +28,17 @@ from torch import Tensor
 from . import _C
 
 
+def _register_if_available(module: Any, name: str, *args: Any) -> Any:
+    """``module.name(*args)`` as a decorator, or leave the function alone where torch lacks it.
+
+    NB: substitute_in_graph and register_vmap are torch 2.5's. Without them bridge
+    still works eagerly; torch.compile breaks the graph at it, and vmap raises
+    torch's own error for a custom operator.
+    """
+    register = getattr(module, name, None)
+    return register(*args) if register is not None else lambda function: function
+
+
 class _AttachedBridge(torch.autograd.Function):
     """The attached forms: a view forward; ``grad_scale * grad``, or ``None`` for ``grad_scale=None``."""
 
@@ -62,7 +73,7 @@ def _check_scale_tensor(grad_scale: Tensor) -> None:
         )
 
 
-@torch.compiler.substitute_in_graph(_C.bridge)
+@_register_if_available(torch.compiler, "substitute_in_graph", _C.bridge)
 def bridge(t: Tensor, /, grad_scale: float | Tensor = 0.0, *, attach: bool | None = None) -> Tensor:
     # The eager entry's checks (csrc/python.cpp, csrc/bridge.cpp), at trace time.
     if attach is not None and not isinstance(attach, bool):
@@ -87,14 +98,14 @@ def bridge(t: Tensor, /, grad_scale: float | Tensor = 0.0, *, attach: bool | Non
     return _AttachedBridge.apply(t, grad_scale if nonzero else None)
 
 
-@torch.library.register_vmap("gradbridge::bridge")
+@_register_if_available(torch.library, "register_vmap", "gradbridge::bridge")
 def _bridge_vmap(
     info: Any, in_dims: tuple[int | None, ...], t: Tensor, grad_scale: float = 0.0, attach: bool = False
 ) -> tuple[Tensor, int | None]:
     return torch.ops.gradbridge.bridge(t, grad_scale, attach), in_dims[0]
 
 
-@torch.library.register_vmap("gradbridge::bridge.Tensor")
+@_register_if_available(torch.library, "register_vmap", "gradbridge::bridge.Tensor")
 def _bridge_tensor_vmap(
     info: Any, in_dims: tuple[int | None, ...], t: Tensor, grad_scale: Tensor
 ) -> tuple[Tensor, int | None]:

@@ -14,6 +14,7 @@ from torch import nn
 import gradbridge_ext
 from gradbridge_ext import Bridge, bridge
 
+from conftest import requires_torch, torch_at_least
 from test_bridge import assert_alias
 
 SCALES = [-1.0, -0.25, 0.5, 1.0, 3]
@@ -46,28 +47,38 @@ def test_scaled_backward_is_grad_scale_times_the_gradient(grad_scale: float, dev
     torch.testing.assert_close(got, expected)
 
 
+# Each reference, its module and its layer; both multiply the gradient by -alpha.
+REFERENCES = {
+    "pytorch-revgrad": ("pytorch_revgrad", "RevGrad"),
+    "torch-gradient-reversal": ("gradient_reversal", "GradientReversalLayer"),
+}
+
+
+@pytest.mark.parametrize(
+    "reference",
+    [
+        "pytorch-revgrad",
+        pytest.param(
+            "torch-gradient-reversal",
+            marks=requires_torch("2.7", "torch-gradient-reversal 1.0 requires it"),
+        ),
+    ],
+)
 @pytest.mark.parametrize("grad_scale", [-1.0, -0.3, 2.0])
-def test_gradient_reversal_matches_the_pypi_references(grad_scale: float) -> None:
-    # pytorch-revgrad and torch-gradient-reversal multiply the gradient by -alpha.
-    # `make test` installs both; a machine without them skips only this test.
-    RevGrad = pytest.importorskip("pytorch_revgrad").RevGrad
-    GradientReversalLayer = pytest.importorskip("gradient_reversal").GradientReversalLayer
+def test_gradient_reversal_matches_the_pypi_references(grad_scale: float, reference: str) -> None:
+    # `make test` installs both; a machine without one skips only its cases.
+    module, name = REFERENCES[reference]
+    Reference = getattr(pytest.importorskip(module), name)
     torch.manual_seed(0)
     trunk, head, x = nn.Linear(4, 4), nn.Linear(4, 3), torch.randn(6, 4)
-    layers = {
-        "bridge": Bridge(grad_scale=grad_scale),
-        "pytorch-revgrad": RevGrad(alpha=-grad_scale),
-        "torch-gradient-reversal": GradientReversalLayer(alpha=-grad_scale),
-    }
-    grads = {}
-    for name, layer in layers.items():
+    grads = []
+    for layer in (Bridge(grad_scale=grad_scale), Reference(alpha=-grad_scale)):
         model = copy.deepcopy(nn.Sequential(trunk, layer, head))
         model(x).pow(2).sum().backward()
-        grads[name] = [p.grad for p in model.parameters()]
-    for name in ("pytorch-revgrad", "torch-gradient-reversal"):
-        for got, expected in zip(grads["bridge"], grads[name], strict=True):
-            torch.testing.assert_close(got, expected)
-    assert grads["bridge"][0].abs().sum() > 0  # the trunk did receive a gradient
+        grads.append([p.grad for p in model.parameters()])
+    for got, expected in zip(*grads, strict=True):
+        torch.testing.assert_close(got, expected)
+    assert grads[0][0].abs().sum() > 0  # the trunk did receive a gradient
 
 
 def test_attached_zero_sends_none_and_still_runs_upstream_hooks(device: str) -> None:
@@ -83,7 +94,10 @@ def test_attached_zero_sends_none_and_still_runs_upstream_hooks(device: str) -> 
         weights = torch.ones(5, device=device, requires_grad=True)  # C's parameter
         assert grad_of_x(result, x, weights) is None  # None, never zeros
         fired[attach] = seen
-    assert fired == {False: [], True: [None, None]}
+    # NB: before torch 2.8 autograd skips post-accumulate-grad hooks for a None
+    # gradient, so only B's prehook sees it there: a difference in torch, not bridge.
+    upstream_hooks = [None, None] if torch_at_least("2.8") else [None]
+    assert fired == {False: [], True: upstream_hooks}
 
 
 def test_results_of_inputs_that_need_no_grad_stay_out_of_the_graph() -> None:

@@ -6,9 +6,11 @@ These run real pip installs and a real compile (about a minute on two cores).
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -158,3 +160,17 @@ def test_a_compiled_on_import_module_has_the_package_name(plain_install) -> None
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "gradbridge_ext._C"
+
+
+def test_an_untested_newer_torch_warns_naming_the_tested_range(monkeypatch: pytest.MonkeyPatch) -> None:
+    oldest, newest = gradbridge_ext.TESTED_TORCH
+    major, minor = newest.split(".")
+    monkeypatch.setattr(torch, "__version__", f"{major}.{int(minor) + 1}.0")
+    tested = rf"tested with torch {re.escape(oldest)} to {re.escape(newest)}; torch {major}\.{int(minor) + 1}\.0 is newer"
+    with pytest.warns(UserWarning, match=tested):
+        gradbridge_ext._warn_if_untested_torch()
+    for version in (oldest, f"{newest}.9", f"{newest}.0+cu130"):  # tested releases, any patch or build
+        monkeypatch.setattr(torch, "__version__", version)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            gradbridge_ext._warn_if_untested_torch()

@@ -11,6 +11,7 @@ import torch.func as tf
 from torch import nn
 
 import gradbridge_ext
+from conftest import requires_torch
 from gradbridge_ext import Bridge, bridge
 
 # Every setting, as a function and as a module.
@@ -34,6 +35,7 @@ class EverySetting(nn.Module):
         return sum(head(cut(b)).pow(2).sum() for head, cut in zip(self.heads, SETTINGS)) + b.sum()
 
 
+@requires_torch("2.5", "torch.compiler.substitute_in_graph, without which bridge breaks the graph")
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 def test_compile_fullgraph_matches_eager(backend: str, device: str) -> None:
     torch.manual_seed(0)
@@ -63,6 +65,7 @@ def test_func_grad_through_every_setting() -> None:
     torch.testing.assert_close(tf.grad(lambda x: bridge(x, -3.0).sum())(x), torch.full((3,), -3.0))
 
 
+@requires_torch("2.5", "torch.library.register_vmap, bridge's rule for vmap")
 def test_vmap_and_per_sample_gradients() -> None:
     x, w = torch.randn(4, 3), torch.randn(3)
     assert torch.equal(tf.vmap(bridge)(x), x)
@@ -76,6 +79,7 @@ def test_vmap_and_per_sample_gradients() -> None:
     torch.testing.assert_close(per_sample, -x + w * x)
 
 
+@requires_torch("2.4", "torch.library.opcheck")
 @pytest.mark.parametrize("args", [(-1.0, False), (0.0, True), (0.25, True)])
 def test_opcheck_the_attached_forms(args: tuple[float, bool]) -> None:
     # aot_dispatch does not apply: functionalization refuses custom ops whose
