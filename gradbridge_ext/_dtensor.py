@@ -13,25 +13,20 @@ The rule is registered with ``torch.distributed.tensor.experimental.register_sha
 a quarter of a second to seconds, more than ``import gradbridge_ext`` may add over
 ``import torch``, and only a program that makes DTensors needs the rule; so the
 rule is registered when ``torch.distributed.tensor`` is imported: at once if it
-already is, or else right after it finishes loading, by a finder on
-``sys.meta_path`` that wraps its loader (a post-import hook, written with
-importlib's public API). Nothing here raises on a torch that cannot register
+already is, or else right after it finishes loading (``_import_hooks``). Nothing here raises on a torch that cannot register
 the rule; it warns once, when DTensor is imported, saying why, because DTensor's
 own error ("does not have a sharding strategy registered") will not.
 """
 
 from __future__ import annotations
 
-import importlib.abc
-import importlib.machinery
-import sys
 import threading
 import warnings
-from collections.abc import Sequence
-from types import ModuleType
 from typing import Any
 
 import torch
+
+from ._import_hooks import when_imported
 
 DTENSOR_MODULE = "torch.distributed.tensor"
 
@@ -93,66 +88,9 @@ def register() -> None:
             )
 
 
-class _RegisterAfterLoading(importlib.abc.Loader):
-    """Runs the real loader of torch.distributed.tensor, then registers the rule."""
-
-    def __init__(self, loader: importlib.abc.Loader) -> None:
-        self.loader = loader
-
-    def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType | None:
-        return self.loader.create_module(spec)
-
-    def __getattr__(self, name: str) -> Any:  # get_source, is_package ... while the module runs
-        return getattr(self.loader, name)
-
-    def exec_module(self, module: ModuleType) -> None:
-        try:
-            self.loader.exec_module(module)
-        except BaseException:
-            sys.meta_path.insert(0, _finder)  # watch the next try
-            raise
-        # The spec keeps the real loader for reloads and for whoever reads it.
-        if module.__spec__ is not None:
-            module.__spec__.loader = self.loader
-        module.__loader__ = self.loader
-        register()
-
-
-class _RegisterOnImport(importlib.abc.MetaPathFinder):
-    """Finds torch.distributed.tensor with the other finders, and wraps its loader."""
-
-    def find_spec(
-        self, name: str, path: Sequence[str] | None, target: ModuleType | None = None
-    ) -> importlib.machinery.ModuleSpec | None:
-        if name != DTENSOR_MODULE:
-            return None
-        uninstall()  # one import to watch (a failed one reinstalls it)
-        for finder in sys.meta_path:
-            find_spec = getattr(finder, "find_spec", None)
-            spec = find_spec(name, path, target) if find_spec is not None else None
-            if spec is not None:
-                if spec.loader is not None and hasattr(spec.loader, "exec_module"):
-                    spec.loader = _RegisterAfterLoading(spec.loader)
-                return spec
-        return None
-
-
-_finder = _RegisterOnImport()
-
-
-def uninstall() -> None:
-    try:
-        sys.meta_path.remove(_finder)
-    except ValueError:
-        pass
-
-
 def install() -> None:
     """Register now if DTensor is loaded, else when it is imported."""
-    if DTENSOR_MODULE in sys.modules:
-        register()
-    elif _finder not in sys.meta_path:
-        sys.meta_path.insert(0, _finder)
+    when_imported(DTENSOR_MODULE, register)
 
 
 install()

@@ -16,6 +16,7 @@ import importlib
 import importlib.util
 import os
 import sys
+import warnings
 from pathlib import Path
 from types import ModuleType
 
@@ -28,6 +29,27 @@ CACHE_ENV = "GRADBRIDGE_EXT_CACHE"
 # Python's own build flags), so the two builds compile the same code. setup.py
 # reads them from here.
 CXX_FLAGS = ["-O3", "-DNDEBUG"]
+# The torch releases CI tests (.ci/matrix, oldest and newest); the oldest is
+# pyproject.toml's floor.
+TESTED_TORCH = ("2.1", "2.15")
+
+
+def _minor(version: str) -> tuple[int, ...]:
+    """``(2, 5)`` for "2.5.1+cu124" or "2.5": what a release of torch is known by."""
+    return tuple(int(part) for part in version.split(".")[:2])
+
+
+def _warn_if_untested_torch() -> None:
+    # A newer torch usually works: say it is untested rather than refuse it.
+    if _minor(torch.__version__) > _minor(TESTED_TORCH[1]):
+        warnings.warn(
+            f"gradbridge_ext is tested with torch {TESTED_TORCH[0]} to {TESTED_TORCH[1]}; "
+            f"torch {torch.__version__} is newer and untested",
+            UserWarning,
+            stacklevel=2,
+        )
+
+
 _FIX = (
     "To fix it, install a C++ compiler and ninja (`pip install ninja`) so the operator can "
     "compile on import, or reinstall next to this torch with "
@@ -37,6 +59,7 @@ _FIX = (
 
 def load() -> ModuleType:
     """Return the _C module for the imported torch; compile it first if there is none."""
+    _warn_if_untested_torch()
     built_for = TORCH_VERSION_FILE.read_text().strip() if TORCH_VERSION_FILE.exists() else None
     if built_for == torch.__version__:
         return importlib.import_module("gradbridge_ext._C")

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from gradbridge_ext import _minor
+from gradbridge_ext._extension import _minor
 
 # CUDA cases are collected everywhere and skipped, visibly, where torch sees no GPU.
 DEVICES = [

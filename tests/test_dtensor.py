@@ -321,7 +321,7 @@ def test_rule_is_registered_with_the_public_api() -> None:
 
 def fresh_copy(name: str):
     """Run _dtensor.py again as a new module, so its registration runs again."""
-    spec = importlib.util.spec_from_file_location(name, dtensor_rule.__file__)
+    spec = importlib.util.spec_from_file_location(f"gradbridge_ext.{name}", dtensor_rule.__file__)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -338,24 +338,16 @@ def test_a_torch_without_register_sharding_warns_and_imports(monkeypatch: pytest
 
 
 def test_registers_when_torch_distributed_tensor_is_imported_later() -> None:
-    # gradbridge_ext may be imported before anything imports torch.distributed.tensor
-    # (today torch.compile's support does import it); then the rule must be
-    # registered when it is. A fresh interpreter loads the operator and this
-    # module without the package, so that nothing imports DTensor first.
-    c_library = next(Path(gradbridge_ext.__file__).parent.glob("_C*.so"), None)
-    if c_library is None:
-        pytest.skip("the operator was compiled at import, not installed beside the package")
+    # gradbridge_ext does not import torch.distributed.tensor (nor torch._dynamo,
+    # which would), so the rule must be registered when something else does.
     script = textwrap.dedent(
-        f"""
-        import importlib.util, sys, warnings
+        """
+        import sys, warnings
         warnings.simplefilter("error")
-        import torch
-        torch.ops.load_library({str(c_library)!r})
-        spec = importlib.util.spec_from_file_location("rule", {dtensor_rule.__file__!r})
-        rule = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(rule)
-        assert "torch.distributed.tensor" not in sys.modules
-        assert not rule.registered and rule._finder in sys.meta_path
+        import torch, gradbridge_ext
+        from gradbridge_ext import _dtensor as rule, _import_hooks as hooks
+        assert "torch.distributed.tensor" not in sys.modules and "torch._dynamo" not in sys.modules
+        assert not rule.registered and hooks.is_watching("torch.distributed.tensor")
         sys.modules["torch.distributed.tensor._ops"] = None  # the first import fails at its first line ...
         try:
             import torch.distributed.tensor
@@ -364,11 +356,11 @@ def test_registers_when_torch_distributed_tensor_is_imported_later() -> None:
         else:
             raise AssertionError("the import did not fail")
         del sys.modules["torch.distributed.tensor._ops"]
-        assert not rule.registered and rule.skipped is None and rule._finder in sys.meta_path
+        assert not rule.registered and rule.skipped is None and hooks.is_watching("torch.distributed.tensor")
         from torch.distributed.tensor.parallel import ColwiseParallel  # ... the next registers
-        assert rule.registered and rule.skipped is None and rule._finder not in sys.meta_path
+        assert rule.registered and rule.skipped is None and not hooks.is_watching("torch.distributed.tensor")
         module = sys.modules["torch.distributed.tensor"]
-        assert module.__loader__ is module.__spec__.loader and type(module.__loader__).__name__ != "_RegisterAfterLoading"
+        assert module.__loader__ is module.__spec__.loader and type(module.__loader__).__name__ != "_RunAfterLoading"
 
         import torch.distributed as dist
         from torch.distributed.tensor import DTensor, Shard, init_device_mesh

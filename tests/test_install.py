@@ -168,9 +168,9 @@ def test_an_untested_newer_torch_warns_naming_the_tested_range(monkeypatch: pyte
     monkeypatch.setattr(torch, "__version__", f"{major}.{int(minor) + 1}.0")
     tested = rf"tested with torch {re.escape(oldest)} to {re.escape(newest)}; torch {major}\.{int(minor) + 1}\.0 is newer"
     with pytest.warns(UserWarning, match=tested):
-        gradbridge_ext._warn_if_untested_torch()
+        _extension._warn_if_untested_torch()
     for version in (oldest, f"{newest}.9", f"{newest}.0+cu130"):  # tested releases, any patch or build
         monkeypatch.setattr(torch, "__version__", version)
         with warnings.catch_warnings():
             warnings.simplefilter("error")
-            gradbridge_ext._warn_if_untested_torch()
+            _extension._warn_if_untested_torch()

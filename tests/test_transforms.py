@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -83,7 +85,7 @@ def test_vmap_and_per_sample_gradients() -> None:
 @pytest.mark.parametrize("args", [(-1.0, False), (0.0, True), (0.25, True)])
 def test_opcheck_the_attached_forms(args: tuple[float, bool]) -> None:
     # aot_dispatch does not apply: functionalization refuses custom ops whose
-    # output aliases an input; torch.compile uses the stand-in in _transforms.
+    # output aliases an input; torch.compile uses the stand-in in gradbridge_ext/ops.py.
     t = torch.randn(3, requires_grad=True) * 1
     torch.library.opcheck(
         torch.ops.gradbridge.bridge.default, (t, *args),
@@ -125,6 +127,7 @@ def train_on_schedule(model: ScheduledHeads, forward, device: str) -> list[torch
     return [p.detach() for p in model.parameters()]
 
 
+@requires_torch("2.5", "torch.compiler.substitute_in_graph, without which bridge breaks the graph")
 @pytest.mark.parametrize("dynamic", [None, True])
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 def test_compile_follows_a_schedule_with_at_most_one_recompile(backend: str, dynamic: bool | None, device: str) -> None:
@@ -143,6 +146,7 @@ def test_compile_follows_a_schedule_with_at_most_one_recompile(backend: str, dyn
         torch.testing.assert_close(g, e)
 
 
+@requires_torch("2.5", "torch.compiler.substitute_in_graph, without which bridge breaks the graph")
 def test_compile_static_specializes_floats_so_a_tensor_schedule_is_the_one_for_it() -> None:
     # dynamic=False makes dynamo guard on every Python float's value: a float
     # schedule recompiles each step (documented), a tensor grad_scale never does.
@@ -157,6 +161,7 @@ def test_compile_static_specializes_floats_so_a_tensor_schedule_is_the_one_for_i
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
 
 
+@requires_torch("2.5", "torch.compiler.substitute_in_graph, without which bridge breaks the graph")
 def test_compile_refuses_a_constant_non_finite_grad_scale() -> None:
     compiled = torch.compile(lambda t, s: bridge(t * 2, s), backend="aot_eager")  # a break runs it eagerly
     for bad in (float("nan"), float("inf")):
@@ -165,6 +170,7 @@ def test_compile_refuses_a_constant_non_finite_grad_scale() -> None:
             compiled(torch.ones(2, requires_grad=True), bad)
 
 
+@requires_torch("2.5", "torch.compiler.substitute_in_graph, without which bridge breaks the graph")
 def test_the_cut_compiles_to_detach() -> None:
     graphs: list[torch.fx.GraphModule] = []
 
@@ -178,6 +184,7 @@ def test_the_cut_compiles_to_detach() -> None:
     assert targets == ["detach"]  # no copy, no kernel: a view op
 
 
+@requires_torch("2.5", "torch.library.register_vmap, bridge's rule for vmap")
 def test_vmap_with_a_grad_scale_tensor() -> None:
     x, scale = torch.randn(4, 3), torch.tensor(-2.0)
     assert torch.equal(tf.vmap(lambda t: bridge(t, scale))(x), x)
@@ -187,6 +194,7 @@ def test_vmap_with_a_grad_scale_tensor() -> None:
         tf.vmap(lambda t, s: bridge(t, s))(x, torch.ones(4))
 
 
+@requires_torch("2.5", "torch.compiler.substitute_in_graph, without which bridge breaks the graph")
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 def test_a_tensor_schedule_runs_under_cuda_graphs() -> None:
     # mode="reduce-overhead" replays CUDA graphs: the schedule must live on the
@@ -208,3 +216,20 @@ def test_a_tensor_schedule_runs_under_cuda_graphs() -> None:
         for got, expected in zip(graphed_model.parameters(), eager.parameters()):
             torch.testing.assert_close(got.grad, expected.grad)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
+@requires_torch("2.5", "torch.compiler.substitute_in_graph, without which bridge breaks the graph")
+def test_import_defers_the_compile_rule_until_dynamo_is_imported() -> None:
+    # torch._dynamo costs about a second to import; a program that never compiles
+    # should not pay it, and one that does must still get the rule.
+    script = (
+        "import sys, torch, gradbridge_ext\n"
+        "assert 'torch._dynamo' not in sys.modules, 'gradbridge_ext imported torch._dynamo'\n"
+        "f = torch.compile(lambda t: gradbridge_ext.bridge(t, -1.0), fullgraph=True, backend='aot_eager')\n"
+        "x = torch.ones(2, requires_grad=True)\n"
+        "f(x * 1).sum().backward()\n"
+        "assert x.grad.tolist() == [-1.0, -1.0], x.grad\n"
+        "print('ok')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr

@@ -1,0 +1,366 @@
+"""The Python face of gradbridge::bridge, and its rules for the rest of the stack.
+
+``bridge`` (the compiled entry point itself), ``Bridge``, ``BridgeFunction`` and
+``strict`` are defined here; ``gradbridge_ext`` re-exports them. Below them are
+bridge's rules for torch.compile, torch.func.vmap and torch.export, each where
+torch's own API asks for one:
+
+- Dynamo cannot trace into a C function, so it would break the graph at every
+  bridge. ``torch.compiler.substitute_in_graph`` gives it a stand-in written with
+  ops that functionalization understands; eager calls never run it. In a
+  compiled graph a cut is ``t.detach()``, whose version counter is ``t``'s (what
+  :func:`strict` gives in eager), and an attached result is what the eager op
+  returns: a custom Function's view of ``t`` with bridge's backward. It is
+  registered when torch._dynamo is imported, which is seconds that a program
+  that never compiles should not pay.
+- vmap has no rule for a custom operator, and its fallback refuses aliasing ops;
+  bridge of a batch is the batch of bridges, so the rule bridges the batched
+  tensor whole. torch.func.grad needs nothing: the autograd kernel serves every
+  level.
+- torch.export keeps the operator in the graph it captures, so ``ep.module()``
+  keeps bridge's backward; functionalization (``run_decompositions``, ONNX) then
+  needs a decomposition, and below autograd every setting is the same alias.
+- DTensor's sharding rule lives in ``_dtensor.py``, registered when
+  torch.distributed.tensor is imported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import numbers
+import os
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from . import _extension
+from ._import_hooks import when_imported
+
+__all__ = ["Bridge", "BridgeFunction", "bridge", "strict"]
+
+_C = _extension.load()
+
+_BRIDGE_DOC = r"""bridge(t, /, grad_scale=0.0, *, attach=None)
+--
+
+Return an alias of ``t`` whose backward is zero, or ``grad_scale`` times the gradient.
+
+The forward is the same for every setting: the result shares ``t``'s storage (no
+copy, no allocation, no kernel launch) and starts with its sizes, strides,
+storage offset, dtype, device and conj/neg bits. It owns its metadata, so
+``resize_``, ``set_``, ``as_strided_``, ``unsqueeze_`` ... change it and never
+``t``. A cut also owns its version counter, so in-place ops on one do not bump
+the other's ``_version`` (``t.detach()`` shares ``t``'s; see :func:`strict`); the
+settings that keep the result in the graph share ``t``'s, as a gradient reversal
+layer's view does, in every grad mode. A result recorded in the graph (``t``
+requires grad, grad mode on) is what an autograd.Function returns for a view:
+``_base`` is ``t`` and an in-place op on it raises autograd's "is a view and is
+being modified inplace"; any other result is no autograd view of ``t`` (for a
+Tensor subclass, torch's default ``__torch_function__`` rewraps it with
+``as_subclass``, as it does ``detach()``'s result). What differs is the backward:
+
+==================  ===========  =====================  ==========================
+call                in the graph  gradient to ``t``      use
+==================  ===========  =====================  ==========================
+``bridge(t)``       no (a leaf)   none                   independent layers, probes
+``bridge(t, s)``    yes           ``s * grad``           ``s = -lambda``: gradient
+                                                         reversal; ``0 < s < 1``:
+                                                         damped auxiliary head
+``bridge(t,         yes           none (``None``, not    hooks upstream still run,
+attach=True)``                    zeros)                 e.g. DDP with
+                                                         ``find_unused_parameters
+                                                         =False``
+==================  ===========  =====================  ==========================
+
+``grad_scale`` may also be a 0-dim floating tensor, on any device: it is saved
+for the backward like any input (change it in place between steps, not between
+forward and backward), always multiplies, and gets no gradient itself.
+A number ``grad_scale`` must be finite (not a bool); ``attach=None`` means
+"attached if ``grad_scale`` is not 0", and ``attach=False`` with a nonzero
+``grad_scale`` is an error. An attached result keeps ``t``'s graph alive until
+backward, like any op's output, and refuses forward-mode AD (its backward is
+not a derivative of its forward); a cut drops the tangent, as ``detach()`` does.
+
+Accepts dense strided tensors on CPU, CUDA and meta, of every dtype; raises
+``TypeError`` for non-tensors and ``NotImplementedError`` for sparse, nested,
+quantized and mkldnn tensors.
+
+Examples::
+
+    >>> import torch, gradbridge_ext
+    >>> x = torch.ones(3, requires_grad=True)
+    >>> b = x * 2                        # B's output
+    >>> w = torch.ones(3, requires_grad=True)
+    >>> (gradbridge_ext.bridge(b) * w).sum().backward()
+    >>> w.grad                           # C learns from b ...
+    tensor([2., 2., 2.])
+    >>> print(x.grad)                    # ... and nothing reaches B or A
+    None
+    >>> gradbridge_ext.bridge(b, -0.5).sum().backward()   # gradient reversal
+    >>> x.grad                           # -0.5 * 2 per element
+    tensor([-1., -1., -1.])
+    >>> r = gradbridge_ext.bridge(b, attach=True)
+    >>> r.grad_fn.name(), r.requires_grad
+    ('BridgeBackward', True)
+"""
+
+if TYPE_CHECKING:
+
+    def bridge(t: Tensor, /, grad_scale: float | Tensor = 0.0, *, attach: bool | None = None) -> Tensor: ...
+
+else:
+    # NB: the default path calls the compiled op directly, not BridgeFunction:
+    # Function.apply alone costs several microseconds against detach()'s one,
+    # and a cut edge records nothing for it to keep. The public name is the C
+    # entry point itself, since even a Python wrapper costs more than the alias.
+    bridge = _C.bridge
+    if bridge.__doc__ is None:
+        torch._C._add_docstr(bridge, _BRIDGE_DOC)
+
+
+class BridgeFunction(torch.autograd.Function):
+    """``bridge`` as a ``torch.autograd.Function``: the compiled alias forward, a zero backward.
+
+    ``BridgeFunction.apply(t)`` gives exactly what ``bridge(t)`` gives. Its output
+    is marked non-differentiable, so autograd records no edge to ``t`` and
+    ``backward`` returns ``None`` (autograd's zero) rather than a materialized
+    ``zeros_like(grad)``, which would run B's backward on zeros.
+
+    ``bridge`` is the faster call: ``Function.apply`` costs several microseconds
+    per call, and a cut edge has nothing for it to record.
+
+    Example::
+
+        >>> import torch, gradbridge_ext
+        >>> b = torch.ones(2, requires_grad=True) * 3
+        >>> c = gradbridge_ext.BridgeFunction.apply(b)
+        >>> c.requires_grad, c.grad_fn, c.data_ptr() == b.data_ptr()
+        (False, None, True)
+    """
+
+    # NB: forward takes ctx and there is no setup_context. With setup_context,
+    # Function.apply binds its arguments through inspect.signature on every
+    # call, which measured 4x slower here (torch 2.13); torch.func transforms
+    # are what would need it.
+    @staticmethod
+    def forward(ctx: Any, t: Tensor) -> Tensor:
+        output = _C.bridge(t)
+        ctx.mark_non_differentiable(output)
+        return output
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> None:
+        return None
+
+
+STRICT_ENV = "GRADBRIDGE_STRICT"
+
+
+@contextlib.contextmanager
+def strict(enabled: bool = True) -> Iterator[None]:
+    """While active, ``bridge``'s results share ``t``'s version counter, as ``detach()``'s do.
+
+    The one thing ``bridge`` gives up for its speed: the result keeps its own
+    version counter, so if C saved the result for its backward (a ``Linear``
+    does) and ``t`` is then changed in place, C's gradient silently uses the new
+    values. Under ``strict()`` autograd raises "modified by an inplace
+    operation" instead, exactly as with ``detach()``. It is the first thing to
+    try when results look wrong. Setting the environment variable
+    ``GRADBRIDGE_STRICT=1`` turns it on for the whole process at import.
+
+    The setting is process-wide (like ``torch.autograd.set_detect_anomaly``)
+    and applies to results made while it is on. Entering and leaving it from
+    several threads at once is not supported: each exit restores the setting
+    its own entry saw.
+
+    Example::
+
+        >>> import torch, gradbridge_ext
+        >>> b = torch.ones(2, requires_grad=True) * 1
+        >>> w = torch.ones(2, requires_grad=True)
+        >>> with gradbridge_ext.strict():
+        ...     c = gradbridge_ext.bridge(b) * w   # mul saves the bridged b for w's grad
+        >>> with torch.no_grad():
+        ...     _ = b.add_(1)                      # ... which this in-place change stales
+        >>> c.sum().backward()
+        Traceback (most recent call last):
+        ...
+        RuntimeError: one of the variables needed for gradient computation has been modified by an inplace operation...
+    """
+    previous = _C._set_strict(enabled)
+    try:
+        yield
+    finally:
+        _C._set_strict(previous)
+
+
+def _strict_from_environment() -> None:
+    value = os.environ.get(STRICT_ENV, "").strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        _C._set_strict(True)
+    elif value not in ("", "0", "false", "no", "off"):
+        raise ValueError(f"{STRICT_ENV}={os.environ[STRICT_ENV]!r}: expected 1 or 0")
+
+
+_strict_from_environment()
+
+
+class Bridge(nn.Module):
+    """:func:`bridge` as a module, for ``nn.Sequential`` and module hooks.
+
+    ``Bridge()`` cuts, ``Bridge(grad_scale=-1.0)`` reverses the gradient (a
+    gradient reversal layer), ``Bridge(attach=True)`` keeps its output in the
+    graph with a zero gradient. The arguments are checked as :func:`bridge`
+    checks them.
+
+    Example::
+
+        >>> import torch, gradbridge_ext
+        >>> head = torch.nn.Sequential(gradbridge_ext.Bridge(grad_scale=-1.0), torch.nn.Linear(4, 2))
+        >>> head[0]
+        Bridge(grad_scale=-1.0: gradient to the input times -1.0, reversed)
+    """
+
+    def __init__(self, grad_scale: float | Tensor = 0.0, *, attach: bool | None = None) -> None:
+        super().__init__()
+        bridge(torch.empty(0, device="meta"), grad_scale, attach=attach)  # the same checks
+        if isinstance(grad_scale, Tensor):
+            # A buffer, so it moves with the module; update it in place for a schedule.
+            self.register_buffer("grad_scale", grad_scale)
+            self.attach = True
+        else:
+            self.grad_scale = float(grad_scale)
+            self.attach = grad_scale != 0 if attach is None else attach
+
+    def forward(self, t: Tensor) -> Tensor:
+        if torch.jit.is_scripting():  # TorchScript sees the operator, not the C entry point
+            if isinstance(self.grad_scale, Tensor):
+                return torch.ops.gradbridge.bridge(t, self.grad_scale)
+            return torch.ops.gradbridge.bridge(t, self.grad_scale, self.attach)
+        if not self.attach:
+            return bridge(t)  # the cut's fast path reads one argument
+        return bridge(t, self.grad_scale, attach=True)
+
+    def extra_repr(self) -> str:
+        if isinstance(self.grad_scale, Tensor):
+            return "grad_scale=tensor: gradient to the input times the buffer grad_scale"
+        if not self.attach:
+            return "cut: no gradient to the input"
+        if self.grad_scale == 0:
+            return "attach=True: in the graph, no gradient to the input"
+        reversed_ = ", reversed" if self.grad_scale < 0 else ""
+        return f"grad_scale={self.grad_scale}: gradient to the input times {self.grad_scale}{reversed_}"
+
+
+
+
+# --- bridge's rules for torch.compile, vmap and export
+
+
+def _register_if_available(module: Any, name: str, *args: Any) -> Any:
+    """``module.name(*args)`` as a decorator, or leave the function alone where torch lacks it.
+
+    NB: substitute_in_graph and register_vmap are torch 2.5's. Without them bridge
+    still works eagerly; torch.compile breaks the graph at it, and vmap raises
+    torch's own error for a custom operator.
+    """
+    register = getattr(module, name, None)
+    return register(*args) if register is not None else lambda function: function
+
+
+class _AttachedBridge(torch.autograd.Function):
+    """The attached forms: a view forward; ``grad_scale * grad``, or ``None`` for ``grad_scale=None``."""
+
+    @staticmethod
+    def forward(t: Tensor, grad_scale: float | Tensor | None) -> Tensor:
+        return t.view_as(t)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Tensor, float | Tensor | None], output: Tensor) -> None:
+        grad_scale = inputs[1]
+        ctx.scale_is_tensor = isinstance(grad_scale, Tensor)
+        if ctx.scale_is_tensor:
+            ctx.save_for_backward(grad_scale)  # as the eager kernel saves it: its value at the forward
+        else:
+            ctx.grad_scale = grad_scale
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None]:
+        if ctx.scale_is_tensor:
+            (scale,) = ctx.saved_tensors
+            if scale.device != grad.device and scale.device.type != "cpu":
+                scale = scale.to(grad.device)
+            return grad * scale, None
+        return (None if ctx.grad_scale is None else grad * ctx.grad_scale), None
+
+
+def _check_scale_tensor(grad_scale: Tensor) -> None:
+    if grad_scale.dim() != 0 or not grad_scale.is_floating_point():
+        raise ValueError(
+            "gradbridge::bridge: a grad_scale tensor must be 0-dim and floating, "
+            f"got a {grad_scale.dim()}-dim {grad_scale.dtype} tensor"
+        )
+
+
+def _compiled_bridge(t: Tensor, /, grad_scale: float | Tensor = 0.0, *, attach: bool | None = None) -> Tensor:
+    """What dynamo traces in place of ``bridge``."""
+    # The eager entry's checks (csrc/python.cpp, csrc/bridge.cpp), at trace time.
+    if attach is not None and not isinstance(attach, bool):
+        raise TypeError(f"bridge(): argument 'attach' must be a bool or None, not {type(attach).__name__}")
+    if isinstance(grad_scale, Tensor):
+        _check_scale_tensor(grad_scale)
+        if attach is False:
+            raise ValueError(f"bridge(): attach=False cuts the graph, but grad_scale={grad_scale!r} needs it")
+        return _AttachedBridge.apply(t, grad_scale)
+    if isinstance(grad_scale, bool) or not isinstance(grad_scale, numbers.Real):
+        raise TypeError(f"bridge(): argument 'grad_scale' must be a number, not {type(grad_scale).__name__}")
+    # NB: a float that changes between calls reaches us as a symbol (automatic
+    # dynamic), which math.isfinite cannot take and whose finiteness cannot be
+    # decided while tracing; x - x is nonzero only for a constant nan or inf.
+    if grad_scale - grad_scale != 0:
+        raise ValueError(f"gradbridge::bridge: grad_scale must be a finite number, got {grad_scale}")
+    nonzero = grad_scale != 0
+    if attach is False and nonzero:
+        raise ValueError(f"bridge(): attach=False cuts the graph, but grad_scale={grad_scale!r} needs it")
+    if not (attach or nonzero):
+        return t.detach()
+    return _AttachedBridge.apply(t, grad_scale if nonzero else None)
+
+
+@_register_if_available(torch.library, "register_vmap", "gradbridge::bridge")
+def _bridge_vmap(
+    info: Any, in_dims: tuple[int | None, ...], t: Tensor, grad_scale: float = 0.0, attach: bool = False
+) -> tuple[Tensor, int | None]:
+    return torch.ops.gradbridge.bridge(t, grad_scale, attach), in_dims[0]
+
+
+@_register_if_available(torch.library, "register_vmap", "gradbridge::bridge.Tensor")
+def _bridge_tensor_vmap(
+    info: Any, in_dims: tuple[int | None, ...], t: Tensor, grad_scale: Tensor
+) -> tuple[Tensor, int | None]:
+    if in_dims[1] is not None:
+        raise ValueError("bridge under vmap: a grad_scale tensor must be the same for the whole batch")
+    return torch.ops.gradbridge.bridge.Tensor(t, grad_scale), in_dims[0]
+
+
+def _alias(t: Tensor, *options: Any) -> Tensor:
+    return torch.ops.aten.alias.default(t)
+
+
+# NB: functionalization decomposes an op whose schema aliases its input through
+# the op's Python CompositeImplicitAutograd kernel. Registered with py_impl it
+# is seen only by tracing (the Python dispatcher); eager calls keep the C++
+# kernels. tests/test_export.py pins this, so a torch that changes it fails there.
+for _overload in (torch.ops.gradbridge.bridge.default, torch.ops.gradbridge.bridge.Tensor):
+    _overload.py_impl(torch._C.DispatchKey.CompositeImplicitAutograd)(_alias)
+
+
+def _register_compile_rule() -> None:
+    _register_if_available(torch.compiler, "substitute_in_graph", _C.bridge)(_compiled_bridge)
+
+
+when_imported("torch._dynamo", _register_compile_rule)
+
+from . import _dtensor  # noqa: E402,F401  (registers itself when torch.distributed.tensor is imported)
