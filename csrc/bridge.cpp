@@ -251,16 +251,30 @@ void share_version_counter(const at::Tensor& t, const at::Tensor& result) {
 // created in a custom Function, exactly what a gradient reversal layer's
 // `view_as` inside autograd.Function.forward returns: autograd then raises its
 // "is a view and is being modified inplace" error instead of a silent write.
+// NB: torch 2.3 added as_view's rev_view_func argument; the two spellings are
+// told apart by what the function accepts (a pointer to it drops the defaults).
+template <class AsView>
+at::Tensor custom_function_view(AsView as_view, const at::Tensor& base, const at::Tensor& tensor) {
+  using torch::autograd::CreationMeta;
+  constexpr auto meta = CreationMeta::IN_CUSTOM_FUNCTION;
+  if constexpr (std::is_invocable_v<AsView, const at::Tensor&, const at::Tensor&, bool, bool,
+                                    std::nullptr_t, std::nullptr_t, CreationMeta, bool>) {
+    return as_view(base, tensor, /*is_bw_differentiable=*/true, /*is_fw_differentiable=*/false,
+                   /*view_func=*/nullptr, /*rev_view_func=*/nullptr, meta,
+                   /*allow_tensor_metadata_change=*/true);
+  } else {
+    return as_view(base, tensor, /*is_bw_differentiable=*/true, /*is_fw_differentiable=*/false,
+                   /*view_func=*/nullptr, meta, /*allow_tensor_metadata_change=*/true);
+  }
+}
+
 template <class Node>
 at::Tensor attach_to_graph(const at::Tensor& t, at::Tensor result, Node node) {
   share_version_counter(t, result);
   if (!torch::autograd::compute_requires_grad(t)) {
     return result;
   }
-  result = torch::autograd::as_view(
-      /*base=*/t, /*tensor=*/result, /*is_bw_differentiable=*/true,
-      /*is_fw_differentiable=*/false, /*view_func=*/nullptr,
-      /*rev_view_func=*/nullptr, torch::autograd::CreationMeta::IN_CUSTOM_FUNCTION);
+  result = custom_function_view(&torch::autograd::as_view, t, result);
   node->set_next_edges(torch::autograd::collect_next_edges(t));
   torch::autograd::set_history(result, node);
   return result;
