@@ -374,41 +374,26 @@ bool is_strict() {
 
 // The schema marks the result as an alias of t, as detach's does. A nonzero
 // grad_scale implies attach; a grad_scale tensor always attaches.
+//
+// Kernels, one list per kernel. The alias moves no data, so one device-generic
+// forward serves CPU, CUDA and Meta (shape-only tracing); other backends and
+// layouts, which CompositeExplicitAutograd and the nested keys catch, get a
+// clear error; the autograd kernel builds the family of backwards.
 TORCH_LIBRARY(gradbridge, m) {
   m.def("bridge(Tensor(a) t, float grad_scale=0., bool attach=False) -> Tensor(a)");
   m.def("bridge.Tensor(Tensor(a) t, Tensor grad_scale) -> Tensor(a)");
-}
-
-// The kernel moves no data, so one device-generic function serves every
-// backend it is registered for; Meta gives shape-only tracing.
-TORCH_LIBRARY_IMPL(gradbridge, CPU, m) {
-  m.impl("bridge", &bridge_kernel);
-  m.impl("bridge.Tensor", &bridge_tensor_kernel);
-}
-TORCH_LIBRARY_IMPL(gradbridge, CUDA, m) {
-  m.impl("bridge", &bridge_kernel);
-  m.impl("bridge.Tensor", &bridge_tensor_kernel);
-}
-TORCH_LIBRARY_IMPL(gradbridge, Meta, m) {
-  m.impl("bridge", &bridge_kernel);
-  m.impl("bridge.Tensor", &bridge_tensor_kernel);
-}
-TORCH_LIBRARY_IMPL(gradbridge, CompositeExplicitAutograd, m) {
-  m.impl("bridge", &bridge_unsupported_scalar);
-  m.impl("bridge.Tensor", &bridge_unsupported_tensor);
-}
-// Nested tensors are not covered by CompositeExplicitAutograd.
-TORCH_LIBRARY_IMPL(gradbridge, NestedTensorCPU, m) {
-  m.impl("bridge", &bridge_unsupported_scalar);
-  m.impl("bridge.Tensor", &bridge_unsupported_tensor);
-}
-TORCH_LIBRARY_IMPL(gradbridge, NestedTensorCUDA, m) {
-  m.impl("bridge", &bridge_unsupported_scalar);
-  m.impl("bridge.Tensor", &bridge_unsupported_tensor);
-}
-TORCH_LIBRARY_IMPL(gradbridge, Autograd, m) {
-  m.impl("bridge", &bridge_autograd);
-  m.impl("bridge.Tensor", &bridge_tensor_autograd);
+  using c10::DispatchKey;
+  for (auto key : {DispatchKey::CPU, DispatchKey::CUDA, DispatchKey::Meta}) {
+    m.impl("bridge", torch::dispatch(key, TORCH_FN(bridge_kernel)));
+    m.impl("bridge.Tensor", torch::dispatch(key, TORCH_FN(bridge_tensor_kernel)));
+  }
+  for (auto key : {DispatchKey::CompositeExplicitAutograd, DispatchKey::NestedTensorCPU,
+                   DispatchKey::NestedTensorCUDA}) {
+    m.impl("bridge", torch::dispatch(key, TORCH_FN(bridge_unsupported_scalar)));
+    m.impl("bridge.Tensor", torch::dispatch(key, TORCH_FN(bridge_unsupported_tensor)));
+  }
+  m.impl("bridge", torch::dispatch(DispatchKey::Autograd, TORCH_FN(bridge_autograd)));
+  m.impl("bridge.Tensor", torch::dispatch(DispatchKey::Autograd, TORCH_FN(bridge_tensor_autograd)));
 }
 
 } // namespace gradbridge
