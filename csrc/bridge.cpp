@@ -252,7 +252,7 @@ void share_version_counter(const at::Tensor& t, const at::Tensor& result) {
 // `view_as` inside autograd.Function.forward returns: autograd then raises its
 // "is a view and is being modified inplace" error instead of a silent write.
 // NB: torch 2.3 added as_view's rev_view_func argument; the two spellings are
-// told apart by what the function accepts (a pointer to it drops the defaults).
+// told apart by which one a call with every argument spelled out accepts.
 template <class AsView>
 at::Tensor custom_function_view(AsView as_view, const at::Tensor& base, const at::Tensor& tensor) {
   using torch::autograd::CreationMeta;
@@ -274,7 +274,11 @@ at::Tensor attach_to_graph(const at::Tensor& t, at::Tensor result, Node node) {
   if (!torch::autograd::compute_requires_grad(t)) {
     return result;
   }
-  result = custom_function_view(&torch::autograd::as_view, t, result);
+  result = custom_function_view(
+      [](auto&&... args) -> decltype(torch::autograd::as_view(std::forward<decltype(args)>(args)...)) {
+        return torch::autograd::as_view(std::forward<decltype(args)>(args)...);
+      },
+      t, result);
   node->set_next_edges(torch::autograd::collect_next_edges(t));
   torch::autograd::set_history(result, node);
   return result;
