@@ -9,14 +9,23 @@ of torch recompiles instead of loading a stale binary.
 """
 
 import glob
+import importlib.util
 import os
 import sys
 
+import setuptools
 from setuptools import setup
 
 PACKAGE = "gradbridge_ext"
 EXTENSION = f"{PACKAGE}._C"
-TORCH_VERSION_FILE = "_C.torch_version"  # read by gradbridge_ext/_extension.py
+
+# pyproject.toml's SPDX license string needs setuptools 77; an older one fails
+# with "invalid pyproject.toml config: `project.license`", which names no fix.
+if tuple(int(part) for part in setuptools.__version__.split(".")[:2]) < (77, 0):
+    sys.exit(
+        f"{PACKAGE} needs setuptools>=77 to build (found {setuptools.__version__}): "
+        "pip install 'setuptools>=77' (torch 2.1 also needs 'setuptools<81')"
+    )
 
 setup_args = dict(
     packages=[PACKAGE, f"{PACKAGE}.csrc"],
@@ -46,21 +55,25 @@ else:
             )
         sys.exit(f"{PACKAGE}: cannot import torch.utils.cpp_extension: {error!r}.{hint}")
 
+    # The loader's facts (flags, the version file), read from it without importing the package.
+    spec = importlib.util.spec_from_file_location("_gradbridge_extension", f"{PACKAGE}/_extension.py")
+    loader = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(loader)
+
     class BuildExtensionForThisTorch(BuildExtension):
         """Build the operator and record which torch it was built against."""
 
         def run(self):
             super().run()
             folder = os.path.dirname(self.get_ext_fullpath(EXTENSION))
-            with open(os.path.join(folder, TORCH_VERSION_FILE), "w") as f:
+            with open(os.path.join(folder, loader.TORCH_VERSION_FILE.name), "w") as f:
                 f.write(torch.__version__)
 
     # NB: a CppExtension also for a CUDA torch. The operator moves no data, so it
     # has no .cu source: its CUDA kernel is registered from C++ and needs no nvcc.
     # A CUDAExtension would link -lcudart, which fails on a machine with nvcc but
-    # without the CUDA runtime libraries. The flags are the compile-on-import
-    # path's (gradbridge_ext/_extension.py).
-    extension = CppExtension(EXTENSION, sorted(glob.glob("csrc/*.cpp")), extra_compile_args=["-O3", "-DNDEBUG"])
+    # without the CUDA runtime libraries. The flags are the compile-on-import path's.
+    extension = CppExtension(EXTENSION, sorted(glob.glob("csrc/*.cpp")), extra_compile_args=loader.CXX_FLAGS)
     setup_args.update(ext_modules=[extension], cmdclass={"build_ext": BuildExtensionForThisTorch})
 
 setup(**setup_args)
