@@ -1,7 +1,7 @@
 # Each target does its own set-up, so one command works on a fresh machine; a
 # stamp per torch version skips the set-up until the sources or torch change.
 PYTHON ?= python3
-TORCH_VERSION = $(shell $(PYTHON) -c "import torch; print(torch.__version__)" 2>/dev/null)
+TORCH_VERSION := $(shell $(PYTHON) -c "import torch; print(torch.__version__)" 2>/dev/null)
 STAMP = .make/installed-torch-$(TORCH_VERSION)
 TEST_DEPS = "setuptools>=77" ninja pytest hypothesis numpy pytorch-revgrad torch-gradient-reversal onnx onnxscript onnxruntime
 
