@@ -213,7 +213,6 @@ class Call:
         return f"[{self.context}] {entry}({', '.join(arguments)})"
 
 
-# Calls that once crashed or raised what they should not, run first on every seed (none so far).
 # torch's own internal asserts, not ours, both in torch.ops's argument parsing
 # and the same for any operator; bridge refuses these calls with a TypeError:
 #   - a defaulted argument given by position and by keyword trips torch's schema

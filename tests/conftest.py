@@ -1,3 +1,13 @@
+import faulthandler
+import os
+import socket
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -24,3 +34,59 @@ def torch_at_least(version: str) -> bool:
 def requires_torch(version: str, why: str) -> pytest.MarkDecorator:
     """Skip, naming the reason, where the running torch is older than ``version``."""
     return pytest.mark.skipif(not torch_at_least(version), reason=f"needs torch {version}: {why}")
+
+
+# --- several processes over gloo (tests/test_ddp.py, tests/test_dtensor.py) --------------
+
+WORLD = 2
+# A stuck collective must fail its test, not stall the suite: gloo gives up after
+# COLLECTIVE_TIMEOUT; a rank still alive at RANK_DEADLINE_S prints its stack and
+# exits; the parent stops waiting a minute later.
+COLLECTIVE_TIMEOUT = timedelta(seconds=60)
+RANK_DEADLINE_S = 180
+# What a rank's body made that must outlive it (DDP models): see _rank_main.
+KEEP_UNTIL_EXIT: list[object] = []
+
+
+def _rank_main(rank: int, body: Callable[..., object], args: tuple, init: str, out: str) -> None:
+    import torch.distributed as dist
+
+    faulthandler.dump_traceback_later(RANK_DEADLINE_S, exit=True)
+    torch.set_num_threads(1)  # the ranks share a 2-core CI machine
+    # Loopback, whatever the host name resolves to on the machine running the tests.
+    if "lo" in {name for _, name in socket.if_nameindex()}:
+        os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    status = 1
+    try:
+        dist.init_process_group("gloo", init_method=init, rank=rank, world_size=WORLD, timeout=COLLECTIVE_TIMEOUT)
+        torch.save(body(rank, *args), Path(out) / f"rank{rank}.pt")
+        dist.destroy_process_group()
+        status = 0
+    except BaseException:  # noqa: BLE001 (printed here; the parent sees the exit status)
+        traceback.print_exc()
+    finally:
+        # Leave without destructors, while KEEP_UNTIL_EXIT still holds DDP. On
+        # torch 2.13 a rank can hang or abort freeing it: the Reducer's last
+        # reference drops the gloo group under the GIL, and its dtor joins a
+        # worker thread that is freeing an allreduce whose captured thread-local
+        # state holds a Python object (the context every backward stashes), which
+        # needs the GIL. Seen here: a hang in 1 of 28 runs of the DDP tests, and
+        # an abort in 1 of 30 runs of plain DDP without gradbridge_ext.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+
+
+def on_gloo_ranks(body: Callable[..., object], *args: object, out: Path) -> list:
+    """``body(rank, *args)`` on WORLD CPU processes in one gloo group; what each returned."""
+    import torch.multiprocessing as mp
+
+    init = f"file://{out / 'rendezvous'}"
+    ranks = mp.spawn(_rank_main, args=(body, args, init, str(out)), nprocs=WORLD, join=False)
+    deadline = time.monotonic() + RANK_DEADLINE_S + 60
+    while not ranks.join(timeout=1.0):  # raises if a rank failed
+        if time.monotonic() > deadline:
+            for process in ranks.processes:
+                process.kill()
+            pytest.fail(f"the ranks did not finish in {RANK_DEADLINE_S + 60} s")
+    return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]

@@ -2,32 +2,19 @@
 
 from __future__ import annotations
 
-import faulthandler
-import os
-import socket
-import sys
-import time
-import traceback
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from conftest import KEEP_UNTIL_EXIT, WORLD, on_gloo_ranks
+
 from gradbridge_ext import Bridge
 
-WORLD = 2
 STEPS = 2  # DDP reports parameters that got no gradient hook at the next step
-# A stuck collective must fail its test, not stall the suite: gloo gives up after
-# COLLECTIVE_TIMEOUT; a rank still alive at RANK_DEADLINE_S prints its stack and
-# exits; the parent stops waiting a minute later.
-COLLECTIVE_TIMEOUT = timedelta(seconds=60)
-RANK_DEADLINE_S = 180
 
 
 class ABC(nn.Module):
@@ -61,39 +48,16 @@ def train(model: nn.Module, mode: int, shard: slice) -> None:
         opt.step()
 
 
-def worker(rank: int, init: str, out: str, mode: int, cut_kwargs: dict) -> None:
-    faulthandler.dump_traceback_later(RANK_DEADLINE_S, exit=True)
-    torch.set_num_threads(1)  # two ranks share a 2-core CI machine
-    # Loopback, whatever the host name resolves to on the machine running the tests.
-    if "lo" in {name for _, name in socket.if_nameindex()}:
-        os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    status = 1
+def ddp_rank(rank: int, mode: int, cut_kwargs: dict) -> dict:
+    model = ABC(Bridge(**cut_kwargs))
+    ddp = DistributedDataParallel(model, find_unused_parameters=False)
+    KEEP_UNTIL_EXIT.append(ddp)  # freeing DDP can hang on torch 2.13 (conftest._rank_main)
+    shard = slice(rank * 8 // WORLD, (rank + 1) * 8 // WORLD)
     try:
-        dist.init_process_group("gloo", init_method=init, rank=rank, world_size=WORLD, timeout=COLLECTIVE_TIMEOUT)
-        model = ABC(Bridge(**cut_kwargs))
-        ddp = DistributedDataParallel(model, find_unused_parameters=False)
-        shard = slice(rank * 8 // WORLD, (rank + 1) * 8 // WORLD)
-        try:
-            train(_Forwarding(ddp), mode, shard)
-            result = {"grads": last_grads(model), "state": model.state_dict()}
-        except RuntimeError as error:
-            result = {"error": str(error)}
-        torch.save(result, Path(out) / f"rank{rank}.pt")
-        dist.destroy_process_group()
-        status = 0
-    except BaseException:  # noqa: BLE001 (printed here; the parent sees the exit status)
-        traceback.print_exc()
-    finally:
-        # Leave without destructors, while this frame still holds DDP. On torch
-        # 2.13 a rank can hang or abort freeing it: the Reducer's last reference
-        # drops the gloo group under the GIL, and its dtor joins a worker thread
-        # that is freeing an allreduce whose captured thread-local state holds a
-        # Python object (the context every backward stashes), which needs the
-        # GIL. Seen here: a hang in 1 of 28 runs of these tests, and an abort in
-        # 1 of 30 runs of plain DDP without gradbridge_ext.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(status)
+        train(_Forwarding(ddp), mode, shard)
+        return {"grads": last_grads(model), "state": model.state_dict()}
+    except RuntimeError as error:
+        return {"error": str(error)}
 
 
 class _Forwarding(nn.Module):
@@ -108,15 +72,7 @@ class _Forwarding(nn.Module):
 
 
 def run_ddp(tmp_path: Path, mode: int, **cut_kwargs) -> list[dict]:
-    init = f"file://{tmp_path / 'rendezvous'}"
-    ranks = mp.spawn(worker, args=(init, str(tmp_path), mode, cut_kwargs), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + RANK_DEADLINE_S + 60
-    while not ranks.join(timeout=1.0):  # raises if a rank failed
-        if time.monotonic() > deadline:
-            for process in ranks.processes:
-                process.kill()
-            pytest.fail(f"the DDP ranks did not finish in {RANK_DEADLINE_S + 60} s")
-    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    return on_gloo_ranks(ddp_rank, mode, cut_kwargs, out=tmp_path)
 
 
 def single_process(mode: int, **cut_kwargs) -> ABC:

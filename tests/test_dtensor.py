@@ -7,25 +7,21 @@ tests/test_ddp.py.
 
 from __future__ import annotations
 
-import faulthandler
 import importlib.util
-import os
-import socket
 import subprocess
 import sys
 import textwrap
-import time
 import traceback
 from collections.abc import Callable
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
+
+from conftest import WORLD, on_gloo_ranks
 
 import gradbridge_ext
 import gradbridge_ext._dtensor as dtensor_rule  # registers the rule (the package does, once hooked)
@@ -33,13 +29,7 @@ from gradbridge_ext import Bridge, BridgeFunction, bridge
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 
-WORLD = 2
 STEPS = 3
-# A stuck collective must fail its test, not stall the suite: gloo gives up after
-# COLLECTIVE_TIMEOUT; a rank still alive at RANK_DEADLINE_S prints its stack and
-# exits; the parent stops waiting a minute later.
-COLLECTIVE_TIMEOUT = timedelta(seconds=60)
-RANK_DEADLINE_S = 120
 
 SETTINGS: dict[str, dict] = {
     "cut": {},
@@ -257,39 +247,9 @@ def run_checks(rank: int) -> dict[str, str | None]:
     return results
 
 
-def worker(rank: int, init: str, out: str) -> None:
-    faulthandler.dump_traceback_later(RANK_DEADLINE_S, exit=True)
-    torch.set_num_threads(1)  # two ranks share a 2-core CI machine
-    # Loopback, whatever the host name resolves to on the machine running the tests.
-    if "lo" in {name for _, name in socket.if_nameindex()}:
-        os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    status = 1
-    try:
-        dist.init_process_group("gloo", init_method=init, rank=rank, world_size=WORLD, timeout=COLLECTIVE_TIMEOUT)
-        torch.save(run_checks(rank), Path(out) / f"rank{rank}.pt")
-        dist.destroy_process_group()
-        status = 0
-    except BaseException:  # noqa: BLE001 (printed here; the parent sees the exit status)
-        traceback.print_exc()
-    finally:
-        # Without destructors, as in test_ddp.py (torch 2.13 can hang tearing down gloo).
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(status)
-
-
 @pytest.fixture(scope="module")
 def records(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, str | None]]:
-    out = tmp_path_factory.mktemp("dtensor")
-    init = f"file://{out / 'rendezvous'}"
-    ranks = mp.spawn(worker, args=(init, str(out)), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + RANK_DEADLINE_S + 60
-    while not ranks.join(timeout=1.0):  # raises if a rank failed
-        if time.monotonic() > deadline:
-            for process in ranks.processes:
-                process.kill()
-            pytest.fail(f"the DTensor ranks did not finish in {RANK_DEADLINE_S + 60} s")
-    return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
+    return on_gloo_ranks(run_checks, out=tmp_path_factory.mktemp("dtensor"))
 
 
 @pytest.mark.parametrize("case", CASES)
