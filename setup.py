@@ -33,47 +33,52 @@ setup_args = dict(
     package_data={PACKAGE: ["py.typed"], f"{PACKAGE}.csrc": ["*.cpp", "*.h"]},
 )
 
-try:
-    import torch
-except ImportError:
-    print(
-        f"{PACKAGE}: torch is not importable in this build environment (pip's build isolation?); "
-        "packaging the sources only, they compile on first import. "
-        "`pip install --no-build-isolation .` compiles now instead.",
-        file=sys.stderr,
-    )
-else:
-    # torch is here, so a failure to load its build tools is a real error: say which.
+# pip asks for the metadata in a process of its own (dist_info, egg_info), which
+# needs no torch; importing torch there would add seconds to every build.
+METADATA_ONLY = len(sys.argv) > 1 and sys.argv[1] in ("dist_info", "egg_info")
+
+if not METADATA_ONLY:
     try:
-        from torch.utils.cpp_extension import BuildExtension, CppExtension
-    except ImportError as error:
-        hint = ""
-        if error.name == "pkg_resources":
-            hint = (
-                f" torch {torch.__version__}'s cpp_extension imports pkg_resources, which setuptools 81 "
-                "removed: this torch needs 'setuptools<81'."
-            )
-        sys.exit(f"{PACKAGE}: cannot import torch.utils.cpp_extension: {error!r}.{hint}")
+        import torch
+    except ImportError:
+        print(
+            f"{PACKAGE}: torch is not importable in this build environment (pip's build isolation?); "
+            "packaging the sources only, they compile on first import. "
+            "`pip install --no-build-isolation .` compiles now instead.",
+            file=sys.stderr,
+        )
+    else:
+        # torch is here, so a failure to load its build tools is a real error: say which.
+        try:
+            from torch.utils.cpp_extension import BuildExtension, CppExtension
+        except ImportError as error:
+            hint = ""
+            if error.name == "pkg_resources":
+                hint = (
+                    f" torch {torch.__version__}'s cpp_extension imports pkg_resources, which setuptools 81 "
+                    "removed: this torch needs 'setuptools<81'."
+                )
+            sys.exit(f"{PACKAGE}: cannot import torch.utils.cpp_extension: {error!r}.{hint}")
 
-    # The loader's facts (flags, the version file), read from it without importing the package.
-    spec = importlib.util.spec_from_file_location("_gradbridge_extension", f"{PACKAGE}/_extension.py")
-    loader = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(loader)
+        # The loader's facts (flags, the version file), read from it without importing the package.
+        spec = importlib.util.spec_from_file_location("_gradbridge_extension", f"{PACKAGE}/_extension.py")
+        loader = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(loader)
 
-    class BuildExtensionForThisTorch(BuildExtension):
-        """Build the operator and record which torch it was built against."""
+        class BuildExtensionForThisTorch(BuildExtension):
+            """Build the operator and record which torch it was built against."""
 
-        def run(self):
-            super().run()
-            folder = os.path.dirname(self.get_ext_fullpath(EXTENSION))
-            with open(os.path.join(folder, loader.TORCH_VERSION_FILE.name), "w") as f:
-                f.write(torch.__version__)
+            def run(self):
+                super().run()
+                folder = os.path.dirname(self.get_ext_fullpath(EXTENSION))
+                with open(os.path.join(folder, loader.TORCH_VERSION_FILE.name), "w") as f:
+                    f.write(torch.__version__)
 
-    # NB: a CppExtension also for a CUDA torch. The operator moves no data, so it
-    # has no .cu source: its CUDA kernel is registered from C++ and needs no nvcc.
-    # A CUDAExtension would link -lcudart, which fails on a machine with nvcc but
-    # without the CUDA runtime libraries. The flags are the compile-on-import path's.
-    extension = CppExtension(EXTENSION, sorted(glob.glob("csrc/*.cpp")), extra_compile_args=loader.CXX_FLAGS)
-    setup_args.update(ext_modules=[extension], cmdclass={"build_ext": BuildExtensionForThisTorch})
+        # NB: a CppExtension also for a CUDA torch. The operator moves no data, so it
+        # has no .cu source: its CUDA kernel is registered from C++ and needs no nvcc.
+        # A CUDAExtension would link -lcudart, which fails on a machine with nvcc but
+        # without the CUDA runtime libraries. The flags are the compile-on-import path's.
+        extension = CppExtension(EXTENSION, sorted(glob.glob("csrc/*.cpp")), extra_compile_args=loader.CXX_FLAGS)
+        setup_args.update(ext_modules=[extension], cmdclass={"build_ext": BuildExtensionForThisTorch})
 
 setup(**setup_args)

@@ -174,3 +174,21 @@ def test_an_untested_newer_torch_warns_naming_the_tested_range(monkeypatch: pyte
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             _extension._warn_if_untested_torch()
+
+
+def test_a_too_old_setuptools_names_the_fix(tmp_path: Path) -> None:
+    # A new venv has the setuptools its Python bundles (65.5 for 3.11), too old for
+    # pyproject.toml's license string; the build must say what to install.
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    python = venv / "bin" / "python"
+    version = subprocess.run([python, "-c", "import setuptools; print(setuptools.__version__)"],
+                             capture_output=True, text=True).stdout.strip()  # fmt: skip
+    if not version or int(version.split(".")[0]) >= 77:
+        pytest.skip(f"this Python's venv brings setuptools {version or 'none'}, not an old one")
+    result = subprocess.run(
+        [python, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "--no-index", str(REPO)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert f"needs setuptools>=77 to build (found {version})" in result.stdout + result.stderr
