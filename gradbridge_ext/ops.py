@@ -363,4 +363,4 @@ def _register_compile_rule() -> None:
 
 when_imported("torch._dynamo", _register_compile_rule)
 
-from . import _dtensor  # noqa: E402,F401  (registers itself when torch.distributed.tensor is imported)
+from . import _dtensor  # noqa: E402,F401  (DTensor's rule, registered when torch.distributed.tensor is imported)

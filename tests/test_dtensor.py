@@ -13,7 +13,6 @@ import sys
 import textwrap
 import traceback
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 import torch
@@ -23,8 +22,7 @@ from torch import nn
 
 from conftest import WORLD, on_gloo_ranks
 
-import gradbridge_ext
-import gradbridge_ext._dtensor as dtensor_rule  # registers the rule (the package does, once hooked)
+import gradbridge_ext._dtensor as dtensor_rule
 from gradbridge_ext import Bridge, BridgeFunction, bridge
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")

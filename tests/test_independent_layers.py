@@ -9,7 +9,6 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
-import torch
 
 SCRIPT = Path(__file__).parent.parent / "examples" / "independent_layers.py"
 CUTS = ("detach", "set_", "bridge")
