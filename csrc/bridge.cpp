@@ -284,6 +284,13 @@ at::Tensor attach_to_graph(const at::Tensor& t, at::Tensor result, Node node) {
   return result;
 }
 
+// The forward, from the keys below autograd: the same alias for every overload.
+template <class Op, class... Args>
+at::Tensor redispatch_below_autograd(const Op& op, c10::DispatchKeySet ks, const Args&... args) {
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return op.redispatch(ks & c10::after_ADInplaceOrView_keyset, args...);
+}
+
 at::Tensor bridge_autograd(
     c10::DispatchKeySet ks, const at::Tensor& t, double grad_scale, bool attach) {
   check_grad_scale(grad_scale);
@@ -291,11 +298,7 @@ at::Tensor bridge_autograd(
   if (attached) {
     check_attached_forward_ad(t);
   }
-  auto result = [&] {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    return bridge_op().redispatch(
-        ks & c10::after_ADInplaceOrView_keyset, t, grad_scale, attach);
-  }();
+  auto result = redispatch_below_autograd(bridge_op(), ks, t, grad_scale, attach);
   if (!attached) {
     if (strict_mode.load(std::memory_order_relaxed)) {
       share_version_counter(t, result);
@@ -309,11 +312,7 @@ at::Tensor bridge_tensor_autograd(
     c10::DispatchKeySet ks, const at::Tensor& t, const at::Tensor& grad_scale) {
   check_grad_scale(grad_scale);
   check_attached_forward_ad(t);
-  auto result = [&] {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    return bridge_tensor_op().redispatch(
-        ks & c10::after_ADInplaceOrView_keyset, t, grad_scale);
-  }();
+  auto result = redispatch_below_autograd(bridge_tensor_op(), ks, t, grad_scale);
   return attach_to_graph(t, std::move(result), make_node<BridgeBackward>(grad_scale));
 }
 

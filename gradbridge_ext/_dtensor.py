@@ -88,9 +88,4 @@ def register() -> None:
             )
 
 
-def install() -> None:
-    """Register now if DTensor is loaded, else when it is imported."""
-    when_imported(DTENSOR_MODULE, register)
-
-
-install()
+when_imported(DTENSOR_MODULE, register)  # now if DTensor is loaded, else when it is imported

@@ -95,7 +95,7 @@ def cache_dir(files: list[Path]) -> Path:
     return cache_root() / f"{_prefix()}{digest.hexdigest()[:16]}"
 
 
-def _why_compile_now(build_dir: Path) -> str:
+def _why_compile_now() -> str:
     """Why this cache has no binary: first use, another torch, or other sources."""
     built = [path.parent.name for path in cache_root().glob("*/_C.so")]
     if any(name.startswith(_prefix()) for name in built):
@@ -128,7 +128,7 @@ def _load_cached_or_compile(why: str) -> ModuleType:
     if not binary.exists():
         print(
             f"gradbridge_ext: the native operator {why}; compiling it for torch {torch.__version__} "
-            f"({_why_compile_now(build_dir)}; once, under a minute; cached in {build_dir})...",
+            f"({_why_compile_now()}; once, under a minute; cached in {build_dir})...",
             file=sys.stderr,
             flush=True,
         )
