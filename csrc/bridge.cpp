@@ -52,39 +52,48 @@ at::Tensor bridge_alias(const at::Tensor& t, bool attached) {
   return at::Tensor(std::move(impl));
 }
 
-// NB: the message names the value without streaming a number. On some
-// toolchains (seen: GCC 13.3 with torch 2.11.0+cu130) extension code that
-// formats a number through an iostream segfaults, c10::str included (doubles
-// and integers alike); only nan and +-inf get here, so they are spelled out.
-void check_grad_scale(double grad_scale) {
+// The argument rules, for every entry point: a number grad_scale is finite;
+// attach=None means "attached iff grad_scale != 0", and attach=False with a
+// nonzero grad_scale is refused rather than silently dropping the scale.
+// Returns whether the result stays in the graph.
+// NB: no message streams a number. On some toolchains (seen: GCC 13.3 with
+// torch 2.11.0+cu130) extension code that formats a number through an iostream
+// segfaults, c10::str included (doubles and integers alike); only nan and +-inf
+// reach the first message, so they are spelled out, and counts use std::to_string.
+bool check_options(double grad_scale, c10::optional<bool> attach) {
   TORCH_CHECK_VALUE(
       std::isfinite(grad_scale),
       "gradbridge::bridge: grad_scale must be a finite number, got ",
       std::isnan(grad_scale) ? "nan" : grad_scale > 0 ? "inf" : "-inf");
+  TORCH_CHECK_VALUE(
+      attach != false || grad_scale == 0,
+      "gradbridge::bridge: attach=False cuts the graph, but a nonzero grad_scale needs it; leave attach out");
+  return attach.value_or(grad_scale != 0);
 }
 
 // A grad_scale tensor is a 0-dim floating tensor, on any device; its value is
 // read only by the backward, so a schedule can update it in place between
-// steps with no host sync and no recompile.
-void check_grad_scale(const at::Tensor& grad_scale) {
+// steps with no host sync and no recompile. It always attaches.
+void check_options(const at::Tensor& grad_scale, c10::optional<bool> attach) {
   TORCH_CHECK_TYPE(
       grad_scale.defined(), "gradbridge::bridge: grad_scale must be a number or a tensor, got None");
-  // NB: std::to_string, not the stream: on the toolchain that crashes on a
-  // streamed double (see check_grad_scale), a streamed integer crashes too.
   TORCH_CHECK_VALUE(
       grad_scale.dim() == 0 && at::isFloatingType(grad_scale.scalar_type()),
       "gradbridge::bridge: a grad_scale tensor must be 0-dim and floating, got a ",
       std::to_string(grad_scale.dim()), "-dim ", c10::toString(grad_scale.scalar_type()), " tensor");
+  TORCH_CHECK_VALUE(
+      attach != false,
+      "gradbridge::bridge: attach=False cuts the graph, but a grad_scale tensor needs it; leave attach out");
 }
 
 // The forward is the same for every backward.
-at::Tensor bridge_kernel(const at::Tensor& t, double grad_scale, bool attach) {
-  check_grad_scale(grad_scale);
-  return bridge_alias(t, /*attached=*/attach || grad_scale != 0);
+at::Tensor bridge_kernel(const at::Tensor& t, double grad_scale, c10::optional<bool> attach) {
+  return bridge_alias(t, /*attached=*/check_options(grad_scale, attach));
 }
 
-at::Tensor bridge_tensor_kernel(const at::Tensor& t, const at::Tensor& grad_scale) {
-  check_grad_scale(grad_scale);
+at::Tensor bridge_tensor_kernel(
+    const at::Tensor& t, const at::Tensor& grad_scale, c10::optional<bool> attach) {
+  check_options(grad_scale, attach);
   return bridge_alias(t, /*attached=*/true);
 }
 
@@ -139,16 +148,16 @@ at::Tensor bridge_unsupported(const at::Tensor& t) {
       "got a tensor on device '", t.device(), "'.");
 }
 
-at::Tensor bridge_unsupported_scalar(const at::Tensor& t, double, bool) {
+at::Tensor bridge_unsupported_scalar(const at::Tensor& t, double, c10::optional<bool>) {
   return bridge_unsupported(t);
 }
 
-at::Tensor bridge_unsupported_tensor(const at::Tensor& t, const at::Tensor&) {
+at::Tensor bridge_unsupported_tensor(const at::Tensor& t, const at::Tensor&, c10::optional<bool>) {
   return bridge_unsupported(t);
 }
 
-using BridgeSignature = at::Tensor(const at::Tensor&, double, bool);
-using BridgeTensorSignature = at::Tensor(const at::Tensor&, const at::Tensor&);
+using BridgeSignature = at::Tensor(const at::Tensor&, double, c10::optional<bool>);
+using BridgeTensorSignature = at::Tensor(const at::Tensor&, const at::Tensor&, c10::optional<bool>);
 
 const c10::TypedOperatorHandle<BridgeSignature>& bridge_op() {
   static const auto op = c10::Dispatcher::singleton()
@@ -292,9 +301,8 @@ at::Tensor redispatch_below_autograd(const Op& op, c10::DispatchKeySet ks, const
 }
 
 at::Tensor bridge_autograd(
-    c10::DispatchKeySet ks, const at::Tensor& t, double grad_scale, bool attach) {
-  check_grad_scale(grad_scale);
-  const bool attached = attach || grad_scale != 0;
+    c10::DispatchKeySet ks, const at::Tensor& t, double grad_scale, c10::optional<bool> attach) {
+  const bool attached = check_options(grad_scale, attach);
   if (attached) {
     check_attached_forward_ad(t);
   }
@@ -309,10 +317,11 @@ at::Tensor bridge_autograd(
 }
 
 at::Tensor bridge_tensor_autograd(
-    c10::DispatchKeySet ks, const at::Tensor& t, const at::Tensor& grad_scale) {
-  check_grad_scale(grad_scale);
+    c10::DispatchKeySet ks, const at::Tensor& t, const at::Tensor& grad_scale,
+    c10::optional<bool> attach) {
+  check_options(grad_scale, attach);
   check_attached_forward_ad(t);
-  auto result = redispatch_below_autograd(bridge_tensor_op(), ks, t, grad_scale);
+  auto result = redispatch_below_autograd(bridge_tensor_op(), ks, t, grad_scale, attach);
   return attach_to_graph(t, std::move(result), make_node<BridgeBackward>(grad_scale));
 }
 
@@ -348,11 +357,11 @@ bool dispatch_reaches_bridge_alias(const at::Tensor& t) {
 
 } // namespace
 
-at::Tensor bridge(const at::Tensor& t, double grad_scale, bool attach) {
+at::Tensor bridge(const at::Tensor& t, double grad_scale, c10::optional<bool> attach) {
   check_defined(t);
   // Dense CPU and CUDA keys imply a strided layout, so the shortcut needs no
   // layout check; an attached result needs autograd.
-  if (grad_scale == 0 && !attach && dispatch_reaches_bridge_alias(t)) {
+  if (grad_scale == 0 && attach != true && dispatch_reaches_bridge_alias(t)) {
     return bridge_alias(t, /*attached=*/false);
   }
   // Checked before dispatch too, so that tensor subclasses which answer ops in
@@ -361,10 +370,10 @@ at::Tensor bridge(const at::Tensor& t, double grad_scale, bool attach) {
   return bridge_op().call(t, grad_scale, attach);
 }
 
-at::Tensor bridge(const at::Tensor& t, const at::Tensor& grad_scale) {
+at::Tensor bridge(const at::Tensor& t, const at::Tensor& grad_scale, c10::optional<bool> attach) {
   check_defined(t);
   check_strided(t);
-  return bridge_tensor_op().call(t, grad_scale);
+  return bridge_tensor_op().call(t, grad_scale, attach);
 }
 
 bool set_strict(bool enabled) {
@@ -375,16 +384,16 @@ bool is_strict() {
   return strict_mode.load();
 }
 
-// The schema marks the result as an alias of t, as detach's does. A nonzero
-// grad_scale implies attach; a grad_scale tensor always attaches.
+// The schema marks the result as an alias of t, as detach's does; the rules
+// between grad_scale and attach are check_options'.
 //
 // Kernels, one list per kernel. The alias moves no data, so one device-generic
 // forward serves CPU, CUDA and Meta (shape-only tracing); other backends and
 // layouts, which CompositeExplicitAutograd and the nested keys catch, get a
 // clear error; the autograd kernel builds the family of backwards.
 TORCH_LIBRARY(gradbridge, m) {
-  m.def("bridge(Tensor(a) t, float grad_scale=0., bool attach=False) -> Tensor(a)");
-  m.def("bridge.Tensor(Tensor(a) t, Tensor grad_scale) -> Tensor(a)");
+  m.def("bridge(Tensor(a) t, float grad_scale=0., bool? attach=None) -> Tensor(a)");
+  m.def("bridge.Tensor(Tensor(a) t, Tensor grad_scale, bool? attach=None) -> Tensor(a)");
   using c10::DispatchKey;
   for (auto key : {DispatchKey::CPU, DispatchKey::CUDA, DispatchKey::Meta}) {
     m.impl("bridge", torch::dispatch(key, TORCH_FN(bridge_kernel)));

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
+from torch.overrides import handle_torch_function, has_torch_function
 
 from . import _extension
 from ._import_hooks import when_imported
@@ -111,13 +112,54 @@ if TYPE_CHECKING:
     def bridge(t: Tensor, /, grad_scale: float | Tensor = 0.0, *, attach: bool | None = None) -> Tensor: ...
 
 else:
-    # NB: the default path calls the compiled op directly, not BridgeFunction:
-    # Function.apply alone costs several microseconds against detach()'s one,
-    # and a cut edge records nothing for it to keep. The public name is the C
-    # entry point itself, since even a Python wrapper costs more than the alias.
+    # NB: the public name is the C entry point itself (csrc/python.cpp), which
+    # handles the cut, bridge(t), and hands every other call to
+    # _bridge_with_options below: even a Python wrapper costs more than the alias.
     bridge = _C.bridge
     if bridge.__doc__ is None:
         torch._C._add_docstr(bridge, _BRIDGE_DOC)
+
+_NO_SCALE = 0.0
+
+
+def _bridge_with_options(t: Tensor, /, grad_scale: float | Tensor = _NO_SCALE, *, attach: bool | None = None) -> Tensor:
+    """``bridge`` for every call but a plain tensor's cut: its arguments parsed here, their values checked by the operator."""
+    # torch's check also answers yes for a class that defines __torch_function__
+    # (torch.Tensor itself), though no override applies to a class passed as an
+    # argument; only a mode, which (None,) detects, should see one.
+    if has_torch_function((t,)) and (not isinstance(t, type) or has_torch_function((None,))):
+        args = (t,) if grad_scale is _NO_SCALE else (t, grad_scale)
+        return handle_torch_function(bridge, (t,), *args, **({} if attach is None else {"attach": attach}))
+    if not isinstance(t, Tensor):
+        raise TypeError(f"bridge(): argument 't' must be a torch.Tensor, not {_type_name(t)}")
+    _check_python_types(grad_scale, attach)
+    if not isinstance(grad_scale, Tensor):
+        try:
+            grad_scale = float(grad_scale)  # __float__ or __index__, as the C API reads a double
+        except TypeError:
+            raise TypeError(f"bridge(): argument 'grad_scale' must be a number, not {_type_name(grad_scale)}") from None
+        except OverflowError:
+            raise ValueError("gradbridge::bridge: grad_scale must be a finite number, got an int too large for a float") from None
+    return _C._bridge_parsed(t, grad_scale, attach)
+
+
+# Python's own argument errors name the function the user called.
+_bridge_with_options.__qualname__ = _bridge_with_options.__name__ = "bridge"
+_C._bridge_with_options = _bridge_with_options
+
+
+def _type_name(value: Any) -> str:
+    cls = type(value)
+    return cls.__name__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _check_python_types(grad_scale: Any, attach: Any) -> None:
+    """The types torch.ops's parser would take (a bool as a float, an int as a bool) or report as RuntimeError."""
+    if attach is not None and not isinstance(attach, bool):
+        raise TypeError(f"bridge(): argument 'attach' must be a bool or None, not {_type_name(attach)}")
+    if isinstance(grad_scale, (bool, str, bytes, bytearray)):
+        hint = " (attach=True is a keyword argument)" if isinstance(grad_scale, bool) else ""
+        raise TypeError(f"bridge(): argument 'grad_scale' must be a number, not {_type_name(grad_scale)}{hint}")
 
 
 class BridgeFunction(torch.autograd.Function):
@@ -225,14 +267,14 @@ class Bridge(nn.Module):
 
     def __init__(self, grad_scale: float | Tensor = 0.0, *, attach: bool | None = None) -> None:
         super().__init__()
-        bridge(torch.empty(0, device="meta"), grad_scale, attach=attach)  # the same checks
+        with torch.enable_grad():  # the operator checks the options and says whether they attach
+            probe = torch.empty(0, device="meta", requires_grad=True)
+            self.attach = bridge(probe, grad_scale, attach=attach).requires_grad
         if isinstance(grad_scale, Tensor):
             # A buffer, so it moves with the module; update it in place for a schedule.
             self.register_buffer("grad_scale", grad_scale)
-            self.attach = True
         else:
             self.grad_scale = float(grad_scale)
-            self.attach = grad_scale != 0 if attach is None else attach
 
     def forward(self, t: Tensor) -> Tensor:
         if torch.jit.is_scripting():  # TorchScript sees the operator, not the C entry point
@@ -296,34 +338,33 @@ class _AttachedBridge(torch.autograd.Function):
         return (None if ctx.grad_scale is None else grad * ctx.grad_scale), None
 
 
-def _check_scale_tensor(grad_scale: Tensor) -> None:
-    if grad_scale.dim() != 0 or not grad_scale.is_floating_point():
-        raise ValueError(
-            "gradbridge::bridge: a grad_scale tensor must be 0-dim and floating, "
-            f"got a {grad_scale.dim()}-dim {grad_scale.dtype} tensor"
-        )
+def _bridge_for_dynamo(t: Tensor, /, grad_scale: float | Tensor = 0.0, *, attach: bool | None = None) -> Tensor:
+    """What dynamo traces in place of ``bridge``.
 
-
-def _compiled_bridge(t: Tensor, /, grad_scale: float | Tensor = 0.0, *, attach: bool | None = None) -> Tensor:
-    """What dynamo traces in place of ``bridge``."""
-    # The eager entry's checks (csrc/python.cpp, csrc/bridge.cpp), at trace time.
-    if attach is not None and not isinstance(attach, bool):
-        raise TypeError(f"bridge(): argument 'attach' must be a bool or None, not {type(attach).__name__}")
+    Dynamo cannot call the operator's checks (csrc/bridge.cpp, check_options)
+    while it traces, so they are restated here, with the same messages; a
+    float that changes between calls reaches us as a symbol, so its value is
+    checked only as far as tracing can.
+    """
+    _check_python_types(grad_scale, attach)
     if isinstance(grad_scale, Tensor):
-        _check_scale_tensor(grad_scale)
+        if grad_scale.dim() != 0 or not grad_scale.is_floating_point():
+            raise ValueError(
+                "gradbridge::bridge: a grad_scale tensor must be 0-dim and floating, "
+                f"got a {grad_scale.dim()}-dim {grad_scale.dtype} tensor"
+            )
         if attach is False:
-            raise ValueError(f"bridge(): attach=False cuts the graph, but grad_scale={grad_scale!r} needs it")
+            raise ValueError("gradbridge::bridge: attach=False cuts the graph, but a grad_scale tensor needs it; leave attach out")
         return _AttachedBridge.apply(t, grad_scale)
-    if isinstance(grad_scale, bool) or not isinstance(grad_scale, numbers.Real):
-        raise TypeError(f"bridge(): argument 'grad_scale' must be a number, not {type(grad_scale).__name__}")
-    # NB: a float that changes between calls reaches us as a symbol (automatic
-    # dynamic), which math.isfinite cannot take and whose finiteness cannot be
-    # decided while tracing; x - x is nonzero only for a constant nan or inf.
+    if not isinstance(grad_scale, numbers.Real):
+        raise TypeError(f"bridge(): argument 'grad_scale' must be a number, not {_type_name(grad_scale)}")
+    # NB: math.isfinite cannot take a symbol, and a symbol's finiteness cannot
+    # be decided while tracing; x - x is nonzero only for a constant nan or inf.
     if grad_scale - grad_scale != 0:
         raise ValueError(f"gradbridge::bridge: grad_scale must be a finite number, got {grad_scale}")
     nonzero = grad_scale != 0
     if attach is False and nonzero:
-        raise ValueError(f"bridge(): attach=False cuts the graph, but grad_scale={grad_scale!r} needs it")
+        raise ValueError("gradbridge::bridge: attach=False cuts the graph, but a nonzero grad_scale needs it; leave attach out")
     if not (attach or nonzero):
         return t.detach()
     return _AttachedBridge.apply(t, grad_scale if nonzero else None)
@@ -331,18 +372,18 @@ def _compiled_bridge(t: Tensor, /, grad_scale: float | Tensor = 0.0, *, attach: 
 
 @_register_if_available(torch.library, "register_vmap", "gradbridge::bridge")
 def _bridge_vmap(
-    info: Any, in_dims: tuple[int | None, ...], t: Tensor, grad_scale: float = 0.0, attach: bool = False
+    info: Any, in_dims: tuple[int | None, ...], t: Tensor, grad_scale: float = 0.0, attach: bool | None = None
 ) -> tuple[Tensor, int | None]:
     return torch.ops.gradbridge.bridge(t, grad_scale, attach), in_dims[0]
 
 
 @_register_if_available(torch.library, "register_vmap", "gradbridge::bridge.Tensor")
 def _bridge_tensor_vmap(
-    info: Any, in_dims: tuple[int | None, ...], t: Tensor, grad_scale: Tensor
+    info: Any, in_dims: tuple[int | None, ...], t: Tensor, grad_scale: Tensor, attach: bool | None = None
 ) -> tuple[Tensor, int | None]:
     if in_dims[1] is not None:
         raise ValueError("bridge under vmap: a grad_scale tensor must be the same for the whole batch")
-    return torch.ops.gradbridge.bridge.Tensor(t, grad_scale), in_dims[0]
+    return torch.ops.gradbridge.bridge.Tensor(t, grad_scale, attach), in_dims[0]
 
 
 def _alias(t: Tensor, *options: Any) -> Tensor:
@@ -358,7 +399,7 @@ for _overload in (torch.ops.gradbridge.bridge.default, torch.ops.gradbridge.brid
 
 
 def _register_compile_rule() -> None:
-    _register_if_available(torch.compiler, "substitute_in_graph", _C.bridge)(_compiled_bridge)
+    _register_if_available(torch.compiler, "substitute_in_graph", _C.bridge)(_bridge_for_dynamo)
 
 
 when_imported("torch._dynamo", _register_compile_rule)

@@ -174,7 +174,7 @@ NON_TENSORS = {
     "list": [1.0, 2.0], "tuple": (1.0,), "dict": {"t": 1.0}, "numpy.ndarray": np.zeros(3),
     "numpy.float32": np.float32(1.0), "torch.Size": torch.Size([2]), "torch.dtype": torch.float32,
     "torch.device": torch.device("cpu"), "torch.storage.UntypedStorage": torch.ones(2).untyped_storage(),
-    "Opaque": Opaque(), "type": Opaque,
+    "test_inputs.Opaque": Opaque(), "type": Opaque,
     "torch._C._TensorMeta": torch.Tensor,  # the class, which carries __torch_function__
 }  # fmt: skip
 
