@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import random
+import sys
 import time
-from collections.abc import Callable
+from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from measure import (
     BASELINE, METHODS, Config, Step, as_function, cpu_allocations, paired_ratio, profiled,
@@ -17,30 +17,9 @@ from measure import (
 
 # The attached zero keeps B's graph alive until backward; training measures what that costs.
 CUTS = {"no cut": "t", **METHODS, "bridge, attach=True": "bridge(t, attach=True)"}
-MODES = {0: "loss on B", 1: "loss on C", 2: "loss on B + C"}
 
-
-class ABC(nn.Module):
-    """The seed's A -> B -> C, scaled up: C learns from B's output through a cut."""
-
-    def __init__(self, width: int, depth: int) -> None:
-        super().__init__()
-        self.A = nn.Sequential(nn.Linear(width, width), nn.ReLU())
-        self.B = nn.Sequential(*[m for _ in range(depth) for m in (nn.Linear(width, width), nn.ReLU())])
-        self.C = nn.Linear(width, width)
-
-    def forward(self, x: Tensor, cut: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor]:
-        b = self.B(self.A(x))
-        return b, self.C(cut(b))
-
-
-def abc_loss(
-    model: ABC, x: Tensor, targets: tuple[Tensor, Tensor], cut: Callable[[Tensor], Tensor], mode: int
-) -> Tensor:
-    """The seed experiment's loss: on B's output (mode 0), on C's (1), or both (2)."""
-    b, c = model(x, cut)
-    loss_b, loss_c = F.mse_loss(b, targets[0]), F.mse_loss(c, targets[1])
-    return (loss_b, loss_c, loss_b + loss_c)[mode]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+from independent_layers import ABC, MODES, loss  # noqa: E402  (the seed's model and losses, defined once)
 
 
 def bench_training(device: str, config: Config, step: Step) -> list[dict]:
@@ -51,24 +30,23 @@ def bench_training(device: str, config: Config, step: Step) -> list[dict]:
         torch.randn(config.batch, config.width, device=device),
         torch.randn(config.batch, config.width, device=device),
     )
-    init = ABC(config.width, config.depth).state_dict()
-    cuts = {name: as_function(stmt) for name, stmt in CUTS.items()}
+    init = ABC(Tensor.detach, config.width, config.depth).state_dict()
     for mode in MODES:
         models, optimizers = {}, {}
-        for name in CUTS:
-            model = ABC(config.width, config.depth).to(device)
+        for name, stmt in CUTS.items():
+            model = ABC(as_function(stmt), config.width, config.depth).to(device)
             model.load_state_dict(init)
             models[name] = model
             optimizers[name] = torch.optim.SGD(model.parameters(), lr=1e-3)
 
         def train_step(name: str) -> float:
-            loss = abc_loss(models[name], x, targets, cuts[name], mode)
-            loss.backward()
+            step_loss = loss(*models[name](x), targets, mode)
+            step_loss.backward()
             optimizers[name].step()
             # Gradients go before the step ends, so that every method starts
             # its next step from the same memory: parameters only.
             optimizers[name].zero_grad(set_to_none=True)
-            return loss.item()
+            return step_loss.item()
 
         times: dict[str, list[float]] = {name: [] for name in CUTS}
         peaks: dict[str, int] = {name: 0 for name in CUTS}
@@ -108,14 +86,14 @@ def bench_training(device: str, config: Config, step: Step) -> list[dict]:
 
 def step_seconds(device: str, config: Config) -> float:
     """One training step of this config's model (mode 2, detach), timed after a warm-up: for the estimate."""
-    model = ABC(config.width, config.depth).to(device)
+    model = ABC(Tensor.detach, config.width, config.depth).to(device)
     x = torch.randn(config.batch, config.width, device=device)
     targets = (x, x)
     times = []
     for _ in range(3):
         synchronize(device)
         start = time.perf_counter()
-        abc_loss(model, x, targets, Tensor.detach, 2).backward()
+        loss(*model(x), targets, 2).backward()
         synchronize(device)
         times.append(time.perf_counter() - start)
     return min(times[1:])

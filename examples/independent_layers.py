@@ -37,55 +37,69 @@ CUTS: dict[str, Callable[[Tensor], Tensor]] = {
 }
 
 
-def _build() -> tuple[tuple[nn.Linear, nn.Linear, nn.Linear], Tensor]:
+class ABC(nn.Module):
+    """The seed model: A -> B -> C, where C learns from B's output through ``cut``.
+
+    B is ``depth`` linear layers; the benchmark scales width and depth up, and
+    the tests and this experiment use it as it is.
+    """
+
+    def __init__(self, cut: Callable[[Tensor], Tensor], width: int = 2, depth: int = 1) -> None:
+        super().__init__()
+        self.A = nn.Linear(width, width)
+        self.B = nn.Sequential(*[nn.Linear(width, width) for _ in range(depth)])
+        self.C = nn.Linear(width, width)
+        self.cut = cut
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        b = self.B(self.A(x))
+        return b, self.C(self.cut(b))
+
+
+def loss(b: Tensor, c: Tensor, targets: tuple[Tensor, Tensor], mode: int) -> Tensor:
+    """The seed's loss: on B's output (mode 0), on C's (1), or both (2)."""
+    loss_b, loss_c = F.mse_loss(b, targets[0]), F.mse_loss(c, targets[1])
+    return (loss_b, loss_c, loss_b + loss_c)[mode]
+
+
+def _build(cut: str) -> tuple[ABC, Tensor]:
     # Seeding right before construction gives every run the same weights and input.
     random.seed(SEED)
     np.random.seed(SEED)
     torch.manual_seed(SEED)
-    layers = (nn.Linear(2, 2), nn.Linear(2, 2), nn.Linear(2, 2))
-    return layers, torch.randn(2)
+    return ABC(CUTS[cut]), torch.randn(2)
 
 
-def _state(layers: tuple[nn.Linear, ...]) -> dict[str, Tensor]:
-    return {
-        f"{name}.{pname}": p.detach().clone()
-        for name, layer in zip("ABC", layers)
-        for pname, p in layer.named_parameters()
-    }
+def _state(model: ABC) -> dict[str, Tensor]:
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
 
 
 def initial_state() -> dict[str, Tensor]:
     """Parameters of A, B, C before any step."""
-    layers, _ = _build()
-    return _state(layers)
+    return _state(_build("none")[0])
 
 
 def run(cut: str, mode: int) -> dict[str, Tensor]:
     """Take one SGD step with the given cut ("none", "detach", "set_", "bridge")
     and mode (0: loss on B, 1: loss on C, 2: both); return the parameters after it."""
-    (A, B, C), x = _build()
-    opt = torch.optim.SGD(
-        [p for layer in (A, B, C) for p in layer.parameters()], lr=1e-2, momentum=0.9
-    )
-    b = B(A(x))
-    c = C(CUTS[cut](b))
-    loss_b = F.mse_loss(b, torch.zeros_like(b))
-    loss_c = F.mse_loss(c, torch.ones_like(c))
-    loss = (loss_b, loss_c, loss_b + loss_c)[mode]
+    model, x = _build(cut)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9)
+    b, c = model(x)
     opt.zero_grad()
-    loss.backward()
+    loss(b, c, (torch.zeros(2), torch.ones(2)), mode).backward()
     # SGD skips parameters whose .grad is None, so layers the loss never reached
     # stay bitwise unchanged.
     opt.step()
-    return _state((A, B, C))
+    return _state(model)
 
 
 def _rows(state: dict[str, Tensor]) -> list[str]:
     """Two text lines, one per output unit: `w0 w1 | bias` for A, B, C side by side."""
+    layers = {name[0]: name.rsplit(".", 1)[0] for name in state}  # "B" -> "B.0"
     return [
         "   ".join(
-            f"{state[f'{n}.weight'][i, 0]:8.4f}{state[f'{n}.weight'][i, 1]:8.4f} |"
-            f"{state[f'{n}.bias'][i]:8.4f}"
+            f"{state[f'{layers[n]}.weight'][i, 0]:8.4f}{state[f'{layers[n]}.weight'][i, 1]:8.4f} |"
+            f"{state[f'{layers[n]}.bias'][i]:8.4f}"
             for n in "ABC"
         )
         for i in range(2)

@@ -13,6 +13,9 @@ import torch
 
 from gradbridge_ext._extension import _minor
 
+# The seed's A -> B -> C model is defined once, in examples/independent_layers.py.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+
 # CUDA cases are collected everywhere and skipped, visibly, where torch sees no GPU.
 DEVICES = [
     "cpu",

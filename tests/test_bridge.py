@@ -13,6 +13,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import gradbridge_ext
 from conftest import requires_torch, torch_at_least
+from independent_layers import ABC
 from gradbridge_ext import BridgeFunction, bridge
 
 FLOAT8 = [getattr(torch, name) for name in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, name)]
@@ -250,24 +251,11 @@ def test_no_allocation_and_no_kernel(device: str) -> None:
     assert_alias(result, t)
 
 
-class ABC(nn.Module):
-    """The seed model: C learns from B's output through a cut."""
-
-    def __init__(self, cut) -> None:
-        super().__init__()
-        self.A, self.B, self.C = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4)
-        self.cut = cut
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        b = self.B(self.A(x))
-        return b, self.C(self.cut(b))
-
-
 @pytest.mark.parametrize("entry", ENTRY_POINTS)
 def test_no_gradient_reaches_t_or_upstream(entry: str, device: str) -> None:
     torch.manual_seed(0)
-    model = ABC(ENTRY_POINTS[entry]).to(device)
-    reference = ABC(torch.Tensor.detach).to(device)
+    model = ABC(ENTRY_POINTS[entry], width=4).to(device)
+    reference = ABC(torch.Tensor.detach, width=4).to(device)
     reference.load_state_dict(model.state_dict())
     x = torch.randn(8, 4, device=device)
     for m in (model, reference):

@@ -6,29 +6,15 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from conftest import KEEP_UNTIL_EXIT, WORLD, on_gloo_ranks
+from independent_layers import ABC, loss
 
 from gradbridge_ext import Bridge
 
 STEPS = 2  # DDP reports parameters that got no gradient hook at the next step
-
-
-class ABC(nn.Module):
-    def __init__(self, cut: nn.Module) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.A, self.B, self.C = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 2)
-        self.cut = cut
-
-    def forward(self, x: torch.Tensor, mode: int) -> torch.Tensor:
-        b = self.B(self.A(x))
-        loss_b = b.pow(2).mean()
-        loss_c = F.mse_loss(self.C(self.cut(b)), torch.ones(len(x), 2))
-        return (loss_b, loss_c, loss_b + loss_c)[mode]
 
 
 def batches() -> list[torch.Tensor]:
@@ -40,35 +26,30 @@ def last_grads(model: nn.Module) -> dict[str, torch.Tensor | None]:
     return {name: p.grad for name, p in model.named_parameters()}
 
 
+def model_with(cut_kwargs: dict) -> ABC:
+    torch.manual_seed(0)
+    return ABC(Bridge(**cut_kwargs), width=4)
+
+
 def train(model: nn.Module, mode: int, shard: slice) -> None:
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     for x in batches():
         opt.zero_grad(set_to_none=True)
-        model(x[shard], mode).backward()
+        b, c = model(x[shard])
+        loss(b, c, (torch.zeros_like(b), torch.ones_like(c)), mode).backward()
         opt.step()
 
 
 def ddp_rank(rank: int, mode: int, cut_kwargs: dict) -> dict:
-    model = ABC(Bridge(**cut_kwargs))
+    model = model_with(cut_kwargs)
     ddp = DistributedDataParallel(model, find_unused_parameters=False)
     KEEP_UNTIL_EXIT.append(ddp)  # freeing DDP can hang on torch 2.13 (conftest._rank_main)
     shard = slice(rank * 8 // WORLD, (rank + 1) * 8 // WORLD)
     try:
-        train(_Forwarding(ddp), mode, shard)
+        train(ddp, mode, shard)
         return {"grads": last_grads(model), "state": model.state_dict()}
     except RuntimeError as error:
         return {"error": str(error)}
-
-
-class _Forwarding(nn.Module):
-    """DDP's forward takes the mode through; train() sees one module either way."""
-
-    def __init__(self, ddp: DistributedDataParallel) -> None:
-        super().__init__()
-        self.ddp = ddp
-
-    def forward(self, x: torch.Tensor, mode: int) -> torch.Tensor:
-        return self.ddp(x, mode)
 
 
 def run_ddp(tmp_path: Path, mode: int, **cut_kwargs) -> list[dict]:
@@ -76,7 +57,7 @@ def run_ddp(tmp_path: Path, mode: int, **cut_kwargs) -> list[dict]:
 
 
 def single_process(mode: int, **cut_kwargs) -> ABC:
-    model = ABC(Bridge(**cut_kwargs))
+    model = model_with(cut_kwargs)
     train(model, mode, slice(None))
     return model
 

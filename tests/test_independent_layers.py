@@ -2,29 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 
+import independent_layers as ex  # examples/ is on sys.path (conftest)
 import pytest
 
 SCRIPT = Path(__file__).parent.parent / "examples" / "independent_layers.py"
 CUTS = ("detach", "set_", "bridge")
 MODES = (0, 1, 2)
-
-
-def _load() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("independent_layers", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-ex = _load()
-
 
 _equal = ex._same  # the example's own comparison: bitwise, per layer
 
