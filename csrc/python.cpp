@@ -44,7 +44,8 @@ PyObject* bridge(
       !at::impl::torch_function_mode_enabled() && !skip_next_torch_function()) {
     return THPVariable_Wrap(gradbridge::bridge(THPVariable_Unpack(args[0])));
   }
-  auto with_options = THPObjectPtr(PyObject_GetAttrString(module, "_bridge_with_options"));
+  static PyObject* const name = PyUnicode_InternFromString("_bridge_with_options");
+  auto with_options = THPObjectPtr(PyObject_GetAttr(module, name));
   if (!with_options) {
     return nullptr;
   }

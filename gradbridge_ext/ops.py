@@ -132,14 +132,10 @@ def _bridge_with_options(t: Tensor, /, grad_scale: float | Tensor = _NO_SCALE, *
         return handle_torch_function(bridge, (t,), *args, **({} if attach is None else {"attach": attach}))
     if not isinstance(t, Tensor):
         raise TypeError(f"bridge(): argument 't' must be a torch.Tensor, not {_type_name(t)}")
-    _check_python_types(grad_scale, attach)
-    if not isinstance(grad_scale, Tensor):
-        try:
-            grad_scale = float(grad_scale)  # __float__ or __index__, as the C API reads a double
-        except TypeError:
-            raise TypeError(f"bridge(): argument 'grad_scale' must be a number, not {_type_name(grad_scale)}") from None
-        except OverflowError:
-            raise ValueError("gradbridge::bridge: grad_scale must be a finite number, got an int too large for a float") from None
+    if attach is not None and attach is not True and attach is not False:
+        raise _attach_type_error(attach)
+    if type(grad_scale) is not float and not isinstance(grad_scale, Tensor):
+        grad_scale = _as_float(grad_scale)
     return _C._bridge_parsed(t, grad_scale, attach)
 
 
@@ -153,13 +149,27 @@ def _type_name(value: Any) -> str:
     return cls.__name__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
 
 
-def _check_python_types(grad_scale: Any, attach: Any) -> None:
-    """The types torch.ops's parser would take (a bool as a float, an int as a bool) or report as RuntimeError."""
-    if attach is not None and not isinstance(attach, bool):
-        raise TypeError(f"bridge(): argument 'attach' must be a bool or None, not {_type_name(attach)}")
+# The type rules torch.ops's parser would not state as bridge's TypeErrors (it
+# takes a bool as a float and an int as a bool, and raises RuntimeError).
+def _attach_type_error(attach: Any) -> TypeError:
+    return TypeError(f"bridge(): argument 'attach' must be a bool or None, not {_type_name(attach)}")
+
+
+def _grad_scale_type_error(grad_scale: Any) -> TypeError:
+    hint = " (attach=True is a keyword argument)" if isinstance(grad_scale, bool) else ""
+    return TypeError(f"bridge(): argument 'grad_scale' must be a number, not {_type_name(grad_scale)}{hint}")
+
+
+def _as_float(grad_scale: Any) -> float:
+    """A number as C reads a double (``__float__`` or ``__index__``); not a bool or a string."""
     if isinstance(grad_scale, (bool, str, bytes, bytearray)):
-        hint = " (attach=True is a keyword argument)" if isinstance(grad_scale, bool) else ""
-        raise TypeError(f"bridge(): argument 'grad_scale' must be a number, not {_type_name(grad_scale)}{hint}")
+        raise _grad_scale_type_error(grad_scale)
+    try:
+        return float(grad_scale)
+    except TypeError:
+        raise _grad_scale_type_error(grad_scale) from None
+    except OverflowError:
+        raise ValueError("gradbridge::bridge: grad_scale must be a finite number, got an int too large for a float") from None
 
 
 class BridgeFunction(torch.autograd.Function):
@@ -346,7 +356,8 @@ def _bridge_for_dynamo(t: Tensor, /, grad_scale: float | Tensor = 0.0, *, attach
     float that changes between calls reaches us as a symbol, so its value is
     checked only as far as tracing can.
     """
-    _check_python_types(grad_scale, attach)
+    if attach is not None and not isinstance(attach, bool):
+        raise _attach_type_error(attach)
     if isinstance(grad_scale, Tensor):
         if grad_scale.dim() != 0 or not grad_scale.is_floating_point():
             raise ValueError(
@@ -356,8 +367,8 @@ def _bridge_for_dynamo(t: Tensor, /, grad_scale: float | Tensor = 0.0, *, attach
         if attach is False:
             raise ValueError("gradbridge::bridge: attach=False cuts the graph, but a grad_scale tensor needs it; leave attach out")
         return _AttachedBridge.apply(t, grad_scale)
-    if not isinstance(grad_scale, numbers.Real):
-        raise TypeError(f"bridge(): argument 'grad_scale' must be a number, not {_type_name(grad_scale)}")
+    if isinstance(grad_scale, bool) or not isinstance(grad_scale, numbers.Real):
+        raise _grad_scale_type_error(grad_scale)
     # NB: math.isfinite cannot take a symbol, and a symbol's finiteness cannot
     # be decided while tracing; x - x is nonzero only for a constant nan or inf.
     if grad_scale - grad_scale != 0:
