@@ -15,7 +15,7 @@ import gradbridge_ext
 from gradbridge_ext import Bridge, bridge
 
 from conftest import requires_torch, torch_at_least
-from test_bridge import assert_alias
+from helpers import assert_alias
 
 SCALES = [-1.0, -0.25, 0.5, 1.0, 3]
 

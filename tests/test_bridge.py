@@ -13,14 +13,9 @@ from torch.profiler import ProfilerActivity, profile
 
 import gradbridge_ext
 from conftest import requires_torch, torch_at_least
+from helpers import DTYPES, assert_alias, assert_cut, layouts, metadata, random_values, raw_bytes
 from independent_layers import ABC
 from gradbridge_ext import BridgeFunction, bridge
-
-FLOAT8 = [getattr(torch, name) for name in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, name)]
-DTYPES = [
-    torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64, torch.complex128,
-    torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.bool, *FLOAT8,
-]  # fmt: skip
 
 # Ways to call the operator; all must give the same alias.
 ENTRY_POINTS = {
@@ -28,69 +23,6 @@ ENTRY_POINTS = {
     "BridgeFunction": BridgeFunction.apply,
     "torch.ops": torch.ops.gradbridge.bridge,
 }
-
-
-def random_values(shape: tuple[int, ...], dtype: torch.dtype, device: str) -> torch.Tensor:
-    if dtype == torch.bool:
-        return torch.rand(shape, device=device) > 0.5
-    if not (dtype.is_floating_point or dtype.is_complex):
-        return torch.randint(0, 100, shape, device=device).to(dtype)
-    return torch.randn(shape, device=device).to(dtype)
-
-
-def strict_cut(t: torch.Tensor) -> torch.Tensor:
-    """bridge(t) made under strict(): a cut that shares t's version counter."""
-    with gradbridge_ext.strict():
-        return bridge(t)
-
-
-def raw_bytes(t: torch.Tensor) -> torch.Tensor:
-    """t's elements as bytes, so every dtype (float8, complex, bool) compares exactly."""
-    return t.resolve_conj().resolve_neg().contiguous().reshape(-1).view(torch.uint8)
-
-
-def assert_alias(result: torch.Tensor, t: torch.Tensor) -> None:
-    assert result.untyped_storage().data_ptr() == t.untyped_storage().data_ptr()
-    assert result.data_ptr() == t.data_ptr()
-    assert result.storage_offset() == t.storage_offset()
-    assert result.shape == t.shape
-    assert result.stride() == t.stride()
-    assert result.dtype == t.dtype
-    assert result.device == t.device
-    assert result.is_conj() == t.is_conj()
-    assert result.is_neg() == t.is_neg()
-
-
-def assert_view_only_if_recorded(result: torch.Tensor, t: torch.Tensor) -> None:
-    """A result in the graph is what autograd.Function returns for a view: a view of t's base."""
-    if result.requires_grad:
-        assert result._is_view() and result._base is (t if t._base is None else t._base)
-    else:
-        assert result._base is None and not result._is_view()
-
-
-def assert_cut(result: torch.Tensor) -> None:
-    """Not an autograd view, a leaf, no history."""
-    assert result._base is None
-    assert not result._is_view()
-    assert not result.requires_grad
-    assert result.is_leaf
-    assert result.grad_fn is None
-
-
-def layouts(device: str) -> dict[str, torch.Tensor]:
-    """Strided tensors of every shape bridge must alias, built on one base of 64 elements."""
-    base = torch.arange(64, dtype=torch.float32, device=device)
-    return {
-        "0-dim": base[5],
-        "empty": base[:0].view(0, 4),
-        "contiguous": base.view(4, 16),
-        "non-contiguous": base.view(8, 8).t(),
-        "storage offset": base[10:30].view(4, 5),
-        "strided": base[1::3],
-        "expanded": base[:4].view(4, 1).expand(4, 6),
-        "channels_last": base.view(1, 4, 4, 4).contiguous(memory_format=torch.channels_last),
-    }
 
 
 def inputs(kind: str, device: str) -> torch.Tensor:
@@ -155,10 +87,6 @@ def test_version_counters_are_independent(device: str) -> None:
     detached = t.detach()
     detached.add_(1)
     assert t._version == 2
-
-
-def metadata(t: torch.Tensor) -> tuple:
-    return t.shape, t.stride(), t.storage_offset()
 
 
 def strided_source(device: str) -> torch.Tensor:

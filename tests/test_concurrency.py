@@ -12,6 +12,7 @@ from torch import nn
 
 import gradbridge_ext
 from gradbridge_ext import bridge
+from helpers import SETTINGS, SHARES_VERSION, metadata
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
@@ -73,18 +74,9 @@ def test_threads_training_at_once_match_one_thread() -> None:
             torch.testing.assert_close(together[name], alone[name], rtol=0, atol=0, msg=f"thread {index}: {name}")
 
 
-def metadata(t: torch.Tensor) -> tuple:
-    return t.shape, t.stride(), t.storage_offset(), t.data_ptr()
-
-
-# The forms bridging one shared tensor; the attached ones and strict share its version counter.
-SHARED = {
-    "cut": bridge,
-    "torch.ops": torch.ops.gradbridge.bridge,
-    "reversal": lambda t: bridge(t, -0.5),
-    "attach": lambda t: bridge(t, attach=True),
-    "strict": bridge,  # entered once around the threads; toggling it from threads is not supported
-}
+# The forms bridging one shared tensor; strict() is entered once around the
+# threads (toggling it from threads is not supported), so its row is the plain cut.
+SHARED = {name: SETTINGS[name] for name in ("cut", "torch.ops cut", "reversal", "attach")} | {"strict cut": bridge}
 ROUNDS = 2_000
 OPS_PER_ROUND = 4  # unsqueeze_, resize_, as_strided_, add_: each bumps the result's version
 
@@ -92,7 +84,7 @@ OPS_PER_ROUND = 4  # unsqueeze_, resize_, as_strided_, add_: each bumps the resu
 @pytest.mark.parametrize("setting", SHARED)
 def test_threads_bridging_one_tensor_never_change_its_metadata(setting: str) -> None:
     t = torch.zeros(THREADS, 16)  # row i belongs to thread i
-    before = metadata(t)
+    before = metadata(t), t.data_ptr()
     make = SHARED[setting]
 
     def work(index: int, barrier: threading.Barrier) -> None:
@@ -104,11 +96,11 @@ def test_threads_bridging_one_tensor_never_change_its_metadata(setting: str) -> 
             result.as_strided_((16,), (1,), 16 * index)
             result.add_(1)  # writes through to t's row `index` only
 
-    with gradbridge_ext.strict(setting == "strict"):
+    with gradbridge_ext.strict(setting == "strict cut"):
         run_in_threads(work)
-    assert metadata(t) == before
+    assert (metadata(t), t.data_ptr()) == before
     assert torch.equal(t, torch.full((THREADS, 16), float(ROUNDS)))
-    shares_version = setting in ("reversal", "attach", "strict")
+    shares_version = setting in SHARES_VERSION
     # The counter is atomic: every bump of every thread is counted, or none is.
     assert t._version == (THREADS * ROUNDS * OPS_PER_ROUND if shares_version else 0)
 

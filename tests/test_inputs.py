@@ -16,24 +16,10 @@ import pytest
 import torch
 from conftest import requires_torch, torch_at_least
 from torch import Tensor, nn
-from test_bridge import assert_alias, assert_view_only_if_recorded, layouts, raw_bytes, strict_cut
-
-from gradbridge_ext import Bridge, BridgeFunction, bridge
+from helpers import GRAD_SCALE, SETTINGS, SHARES_VERSION, assert_alias, assert_view_only_if_recorded, layouts, raw_bytes
 
 
-# Every way to ask for each backward. The attached ones stay in the graph.
-SETTINGS: dict[str, Callable[[Tensor], Tensor]] = {
-    "cut": bridge,
-    "BridgeFunction": BridgeFunction.apply,
-    "torch.ops cut": torch.ops.gradbridge.bridge,
-    "strict cut": strict_cut,
-    "reversal": lambda t: bridge(t, -1.0),
-    "torch.ops reversal": lambda t: torch.ops.gradbridge.bridge(t, -1.0),
-    "attach": lambda t: bridge(t, attach=True),
-    "Bridge module": Bridge(grad_scale=0.5),
-}
-GRAD_SCALE = {"reversal": -1.0, "torch.ops reversal": -1.0, "attach": 0.0, "Bridge module": 0.5}
-SHARES_VERSION = {"strict cut", *GRAD_SCALE}
+
 PYTHON_ENTRY = [name for name in SETTINGS if not name.startswith("torch.ops")]
 
 

@@ -13,23 +13,11 @@ import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 
 import gradbridge_ext
-from gradbridge_ext import Bridge, BridgeFunction, bridge
-from test_bridge import strict_cut
+from gradbridge_ext import bridge
+from helpers import SETTINGS
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
-
-# Every way to make a result; the attached ones build a BridgeBackward node per call.
-SETTINGS = {
-    "cut": bridge,
-    "reversal": lambda t: bridge(t, -1.0),
-    "attach": lambda t: bridge(t, attach=True),
-    "strict": strict_cut,
-    "torch.ops": torch.ops.gradbridge.bridge,
-    "torch.ops reversal": lambda t: torch.ops.gradbridge.bridge(t, -1.0),
-    "BridgeFunction": BridgeFunction.apply,
-    "Bridge module reversal": Bridge(grad_scale=-1.0),
-}
 
 # A loop that frees what it makes leaves the memory in use where it was once
 # warmed up: 0 bytes over a million calls here, by each count below. glibc's
@@ -41,8 +29,8 @@ SETTINGS = {
 LEAK_BOUND = 1 << 20
 WARMUP = 10_000
 # The entry points that cost several microseconds a call run fewer calls.
-CALLS = dict.fromkeys(["cut", "reversal", "attach", "strict"], 1_000_000) | dict.fromkeys(
-    ["torch.ops", "torch.ops reversal", "BridgeFunction", "Bridge module reversal"], 200_000
+CALLS = dict.fromkeys(["cut", "reversal", "attach", "strict cut"], 1_000_000) | dict.fromkeys(
+    ["torch.ops cut", "torch.ops reversal", "BridgeFunction", "Bridge module"], 200_000
 )
 PAGE = os.sysconf("SC_PAGE_SIZE")
 LIBC = ctypes.CDLL(None)
@@ -115,10 +103,10 @@ linux_only = pytest.mark.skipif(
 @pytest.mark.parametrize("setting", SETTINGS)
 def test_a_million_calls_leave_memory_flat(setting: str) -> None:
     t, make = source(), SETTINGS[setting]
-    if setting == "strict":
+    if setting == "strict cut":
         make = bridge  # strict() entered once below: its context manager would dominate the loop
     counts = sys.getrefcount(t), t._use_count(), torch._C._storage_Use_Count(t.untyped_storage()._cdata)
-    with gradbridge_ext.strict(setting == "strict"):
+    with gradbridge_ext.strict(setting == "strict cut"):
         growth = memory_growth(lambda: make(t), CALLS[setting])
     assert growth < LEAK_BOUND, f"{growth / CALLS[setting]:.1f} bytes a call"
     # A leaked reference costs no memory here but keeps t alive forever.
@@ -171,7 +159,7 @@ def test_the_measurement_sees_an_8_byte_leak_per_call() -> None:
 
 
 @cuda
-@pytest.mark.parametrize("setting", ["cut", "reversal", "attach", "strict"])
+@pytest.mark.parametrize("setting", ["cut", "reversal", "attach", "strict cut"])
 def test_cuda_memory_stays_at_baseline_over_a_million_calls(setting: str) -> None:
     t, make = source("cuda"), SETTINGS[setting]
     torch.cuda.synchronize()

@@ -14,21 +14,15 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from gradbridge_ext import bridge
 
-from test_bridge import DTYPES, FLOAT8, assert_alias, assert_view_only_if_recorded, metadata, random_values, strict_cut
+from helpers import DTYPES, FLOAT8, SETTINGS, SHARES_VERSION, assert_alias, assert_view_only_if_recorded, metadata, random_values
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-# How the result is made from t, and whether it shares t's version counter.
-SETTINGS = {
-    "cut": (lambda t: bridge(t), False),
-    "reversal": (lambda t: bridge(t, -1.0), True),
-    "attach": (lambda t: bridge(t, attach=True), True),
-    "strict cut": (strict_cut, True),
-}
+# Four rows of the settings table: one per way the version counter and the graph go.
+PROPERTY_SETTINGS = ("cut", "reversal", "attach", "strict cut")
 EXAMPLES = settings(max_examples=150, deadline=None)  # per setting; 600 a property
 
 
@@ -71,7 +65,7 @@ def strided_sources(draw: st.DrawFn, setting: str) -> tuple[torch.Tensor, torch.
     return base, t
 
 
-each_setting = pytest.mark.parametrize("setting", SETTINGS)
+each_setting = pytest.mark.parametrize("setting", PROPERTY_SETTINGS)
 
 
 @each_setting
@@ -79,7 +73,7 @@ each_setting = pytest.mark.parametrize("setting", SETTINGS)
 @given(data=st.data())
 def test_result_has_the_metadata_of_t_and_is_a_view_only_if_recorded(setting: str, data: st.DataObject) -> None:
     _, t = data.draw(strided_sources(setting))
-    result = SETTINGS[setting][0](t)
+    result = SETTINGS[setting](t)
     assert_alias(result, t)
     assert_view_only_if_recorded(result, t)
     assert result.requires_grad == (t.requires_grad and setting in ("reversal", "attach"))
@@ -111,7 +105,7 @@ def test_writes_are_shared_both_ways_even_where_elements_overlap(setting: str, d
     # are exact where elements of t overlap; an elementwise copy_ would not be.
     # torch refuses fill_ where a conj or neg bit meets memory it sees overlap.
     base, t = data.draw(strided_sources(setting))
-    result = SETTINGS[setting][0](t)
+    result = SETTINGS[setting](t)
     model_base = base.detach().clone()
     model = model_base.as_strided(t.shape, t.stride(), t.storage_offset())
     model = model.conj() if t.is_conj() else torch._neg_view(model) if t.is_neg() else model
@@ -138,7 +132,7 @@ def test_writes_are_shared_both_ways_even_where_elements_overlap(setting: str, d
 @given(data=st.data())
 def test_inplace_ops_bump_a_shared_counter_only_where_it_is_shared(setting: str, data: st.DataObject) -> None:
     _, t = data.draw(strided_sources(setting))
-    make, shares_counter = SETTINGS[setting]
+    make, shares_counter = SETTINGS[setting], setting in SHARES_VERSION
     result = make(t)
     # A one-element write is an in-place op torch takes on every layout (fill_ is
     # refused where a conj or neg bit meets overlap); an empty tensor has none.
@@ -185,7 +179,7 @@ def metadata_change(draw: st.DrawFn, r: torch.Tensor) -> tuple[str, Callable[[],
 @given(data=st.data())
 def test_metadata_changes_on_the_result_leave_t_as_it_was(setting: str, data: st.DataObject) -> None:
     _, t = data.draw(strided_sources(setting))
-    result = SETTINGS[setting][0](t)
+    result = SETTINGS[setting](t)
     before = metadata(t), t.data_ptr(), t.untyped_storage().data_ptr(), bytes_of(t).clone()
     for _ in range(data.draw(st.integers(1, 3))):
         name, change = data.draw(metadata_change(result))

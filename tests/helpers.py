@@ -1,0 +1,103 @@
+"""What several test modules share: dtypes, the settings table, and the alias checks."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+import gradbridge_ext
+from gradbridge_ext import Bridge, BridgeFunction, bridge
+
+FLOAT8 = [getattr(torch, name) for name in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, name)]
+DTYPES = [
+    torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64, torch.complex128,
+    torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.bool, *FLOAT8,
+]  # fmt: skip
+
+
+
+def strict_cut(t: torch.Tensor) -> torch.Tensor:
+    """bridge(t) made under strict(): a cut that shares t's version counter."""
+    with gradbridge_ext.strict():
+        return bridge(t)
+
+
+# Every way to ask for each backward; the attached ones stay in the graph. A
+# module takes the rows it needs by name.
+SETTINGS: dict[str, Callable[[Tensor], Tensor]] = {
+    "cut": bridge,
+    "BridgeFunction": BridgeFunction.apply,
+    "torch.ops cut": torch.ops.gradbridge.bridge,
+    "strict cut": strict_cut,
+    "reversal": lambda t: bridge(t, -1.0),
+    "torch.ops reversal": lambda t: torch.ops.gradbridge.bridge(t, -1.0),
+    "attach": lambda t: bridge(t, attach=True),
+    "Bridge module": Bridge(grad_scale=0.5),
+}
+# The gradient each attached setting sends to t, per unit of incoming gradient.
+GRAD_SCALE = {"reversal": -1.0, "torch.ops reversal": -1.0, "attach": 0.0, "Bridge module": 0.5}
+# Settings whose result shares t's version counter (detach()'s rule).
+SHARES_VERSION = {"strict cut", *GRAD_SCALE}
+
+
+def metadata(t: torch.Tensor) -> tuple:
+    return t.shape, t.stride(), t.storage_offset()
+
+
+def random_values(shape: tuple[int, ...], dtype: torch.dtype, device: str) -> torch.Tensor:
+    if dtype == torch.bool:
+        return torch.rand(shape, device=device) > 0.5
+    if not (dtype.is_floating_point or dtype.is_complex):
+        return torch.randint(0, 100, shape, device=device).to(dtype)
+    return torch.randn(shape, device=device).to(dtype)
+
+
+def raw_bytes(t: torch.Tensor) -> torch.Tensor:
+    """t's elements as bytes, so every dtype (float8, complex, bool) compares exactly."""
+    return t.resolve_conj().resolve_neg().contiguous().reshape(-1).view(torch.uint8)
+
+
+def assert_alias(result: torch.Tensor, t: torch.Tensor) -> None:
+    assert result.untyped_storage().data_ptr() == t.untyped_storage().data_ptr()
+    assert result.data_ptr() == t.data_ptr()
+    assert result.storage_offset() == t.storage_offset()
+    assert result.shape == t.shape
+    assert result.stride() == t.stride()
+    assert result.dtype == t.dtype
+    assert result.device == t.device
+    assert result.is_conj() == t.is_conj()
+    assert result.is_neg() == t.is_neg()
+
+
+def assert_view_only_if_recorded(result: torch.Tensor, t: torch.Tensor) -> None:
+    """A result in the graph is what autograd.Function returns for a view: a view of t's base."""
+    if result.requires_grad:
+        assert result._is_view() and result._base is (t if t._base is None else t._base)
+    else:
+        assert result._base is None and not result._is_view()
+
+
+def assert_cut(result: torch.Tensor) -> None:
+    """Not an autograd view, a leaf, no history."""
+    assert result._base is None
+    assert not result._is_view()
+    assert not result.requires_grad
+    assert result.is_leaf
+    assert result.grad_fn is None
+
+
+def layouts(device: str) -> dict[str, torch.Tensor]:
+    """Strided tensors of every shape bridge must alias, built on one base of 64 elements."""
+    base = torch.arange(64, dtype=torch.float32, device=device)
+    return {
+        "0-dim": base[5],
+        "empty": base[:0].view(0, 4),
+        "contiguous": base.view(4, 16),
+        "non-contiguous": base.view(8, 8).t(),
+        "storage offset": base[10:30].view(4, 5),
+        "strided": base[1::3],
+        "expanded": base[:4].view(4, 1).expand(4, 6),
+        "channels_last": base.view(1, 4, 4, 4).contiguous(memory_format=torch.channels_last),
+    }
