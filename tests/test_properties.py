@@ -65,15 +65,20 @@ def strided_sources(draw: st.DrawFn, setting: str) -> tuple[torch.Tensor, torch.
     return base, t
 
 
-each_setting = pytest.mark.parametrize("setting", PROPERTY_SETTINGS)
+def each_setting(test: Callable) -> Callable:
+    """A hypothesis property over random strided sources, for each setting."""
+    return pytest.mark.parametrize("setting", PROPERTY_SETTINGS)(EXAMPLES(given(data=st.data())(test)))
+
+
+def bridged(setting: str, data: st.DataObject) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A random source: its base, the strided view t, and t bridged in this setting."""
+    base, t = data.draw(strided_sources(setting))
+    return base, t, SETTINGS[setting](t)
 
 
 @each_setting
-@EXAMPLES
-@given(data=st.data())
 def test_result_has_the_metadata_of_t_and_is_a_view_only_if_recorded(setting: str, data: st.DataObject) -> None:
-    _, t = data.draw(strided_sources(setting))
-    result = SETTINGS[setting](t)
+    _, t, result = bridged(setting, data)
     assert_alias(result, t)
     assert_view_only_if_recorded(result, t)
     assert result.requires_grad == (t.requires_grad and setting in ("reversal", "attach"))
@@ -98,14 +103,11 @@ def written_values(t: torch.Tensor) -> tuple:
 
 
 @each_setting
-@EXAMPLES
-@given(data=st.data())
 def test_writes_are_shared_both_ways_even_where_elements_overlap(setting: str, data: st.DataObject) -> None:
     # fill_ writes one value, and a write to one element is one store, so both
     # are exact where elements of t overlap; an elementwise copy_ would not be.
     # torch refuses fill_ where a conj or neg bit meets memory it sees overlap.
-    base, t = data.draw(strided_sources(setting))
-    result = SETTINGS[setting](t)
+    base, t, result = bridged(setting, data)
     model_base = base.detach().clone()
     model = model_base.as_strided(t.shape, t.stride(), t.storage_offset())
     model = model.conj() if t.is_conj() else torch._neg_view(model) if t.is_neg() else model
@@ -128,12 +130,9 @@ def test_writes_are_shared_both_ways_even_where_elements_overlap(setting: str, d
 
 
 @each_setting
-@EXAMPLES
-@given(data=st.data())
 def test_inplace_ops_bump_a_shared_counter_only_where_it_is_shared(setting: str, data: st.DataObject) -> None:
-    _, t = data.draw(strided_sources(setting))
-    make, shares_counter = SETTINGS[setting], setting in SHARES_VERSION
-    result = make(t)
+    _, t, result = bridged(setting, data)
+    shares_counter = setting in SHARES_VERSION
     # A one-element write is an in-place op torch takes on every layout (fill_ is
     # refused where a conj or neg bit meets overlap); an empty tensor has none.
     index = (0,) * t.dim() if t.numel() else ...
@@ -175,11 +174,8 @@ def metadata_change(draw: st.DrawFn, r: torch.Tensor) -> tuple[str, Callable[[],
 
 
 @each_setting
-@EXAMPLES
-@given(data=st.data())
 def test_metadata_changes_on_the_result_leave_t_as_it_was(setting: str, data: st.DataObject) -> None:
-    _, t = data.draw(strided_sources(setting))
-    result = SETTINGS[setting](t)
+    _, t, result = bridged(setting, data)
     before = metadata(t), t.data_ptr(), t.untyped_storage().data_ptr(), bytes_of(t).clone()
     for _ in range(data.draw(st.integers(1, 3))):
         name, change = data.draw(metadata_change(result))
