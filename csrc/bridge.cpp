@@ -300,6 +300,9 @@ at::Tensor redispatch_below_autograd(const Op& op, c10::DispatchKeySet ks, const
   return op.redispatch(ks & c10::after_ADInplaceOrView_keyset, args...);
 }
 
+// NB: both this and the backend kernel check the options: above autograd this
+// one must know whether to attach before it redispatches, and below it
+// (inference mode, Python modes) the backend kernel is the first to see them.
 at::Tensor bridge_autograd(
     c10::DispatchKeySet ks, const at::Tensor& t, double grad_scale, c10::optional<bool> attach) {
   const bool attached = check_options(grad_scale, attach);

@@ -37,7 +37,7 @@ bool skip_next_torch_function() {
 // defer to. Every other call, options, subclasses, modes and bad arguments,
 // goes to the Python entry `_bridge_with_options` (gradbridge_ext/ops.py),
 // which binds and checks the arguments and calls bridge_parsed.
-PyObject* bridge(
+PyObject* bridge_entry(
     PyObject* module, PyObject* const* args, Py_ssize_t nargs, PyObject* kwnames) {
   HANDLE_TH_ERRORS
   if (nargs == 1 && !kwnames && THPVariable_CheckExact(args[0]) &&
@@ -85,7 +85,7 @@ PyObject* is_strict(PyObject* /*module*/, PyObject* /*unused*/) {
 
 // The docstring is attached from Python (gradbridge_ext/ops.py).
 PyMethodDef methods[] = {
-    {"bridge", (PyCFunction)(void (*)())bridge, METH_FASTCALL | METH_KEYWORDS, nullptr},
+    {"bridge", (PyCFunction)(void (*)())bridge_entry, METH_FASTCALL | METH_KEYWORDS, nullptr},
     {"_bridge_parsed", (PyCFunction)(void (*)())bridge_parsed, METH_FASTCALL, nullptr},
     {"_set_strict", set_strict, METH_O, nullptr},
     {"_is_strict", is_strict, METH_NOARGS, nullptr},
