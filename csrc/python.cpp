@@ -59,7 +59,12 @@ PyObject* bridge_entry(
 // __torch_dispatch__ could answer, and the operator checks the values.
 PyObject* bridge_parsed(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
-  TORCH_INTERNAL_ASSERT(nargs == 3);
+  // Private, but reachable: a wrong call is refused, never a crash.
+  TORCH_CHECK_TYPE(
+      nargs == 3 && THPVariable_Check(args[0]) &&
+          (THPVariable_Check(args[1]) || PyFloat_Check(args[1])) &&
+          (args[2] == Py_None || PyBool_Check(args[2])),
+      "_bridge_parsed(t, grad_scale, attach) takes what bridge() has parsed; call bridge()");
   const auto& t = THPVariable_Unpack(args[0]);
   const auto attach = args[2] == Py_None ? c10::nullopt : c10::optional<bool>(args[2] == Py_True);
   if (THPVariable_Check(args[1])) {

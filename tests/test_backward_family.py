@@ -153,6 +153,13 @@ def test_attach_false_with_a_scale_is_refused_by_the_operator(call) -> None:
         call(torch.ones(2, requires_grad=True))
 
 
+def test_the_private_hand_off_refuses_calls_bridge_would_not_make() -> None:
+    hand_off = gradbridge_ext._C._bridge_parsed  # what the Python entry calls once it has parsed
+    for args in [(1, 2.0, None), (torch.ones(1), "x", None), (torch.ones(1), 1, None), (torch.ones(1), 1.0, 1), (torch.ones(1),)]:
+        with pytest.raises(TypeError, match=r"takes what bridge\(\) has parsed"):
+            hand_off(*args)
+
+
 # NB: on some toolchains extension code that streams a double into an iostream
 # segfaults (GCC 13.3 with torch 2.11.0+cu130), so no message formats one. Each
 # message that carries a number is pinned here whole, for every entry point and
