@@ -199,6 +199,26 @@ def report(results: dict) -> str:
     return "\n".join(parts)
 
 
+def headline(results: dict) -> str:
+    """The README's one-sentence reading of a device's results, from the results themselves."""
+    latency = {(r["size_bytes"], r["method"]): r["median_ns"] for r in results["latency"] if r["requires_grad"]}
+    small, large = min(size for size, _ in latency), max(size for size, _ in latency)
+    allocated = max(r["allocated_bytes"] for r in results["memory"] if r["method"] == "bridge")
+    reversal = [r["median_ns"] for r in results.get("attached", [])
+                if r["method"] == "bridge(t, -1.0)" and r["phase"] == "forward" and r["size_bytes"] == small]  # fmt: skip
+
+    def at(name: str) -> str:
+        return f"{format_ns(latency[(small, name)])} at {format_size(small)} and {format_ns(latency[(large, name)])} at {format_size(large)}"
+
+    return (
+        f"Headline, {results['environment']['device']}: `bridge(t)` takes {at('bridge')} "
+        f"(`t.data` {at('.data')}, `detach()` {at('detach')}, the `set_` trick {at('set_ trick')}), "
+        f"and allocates {allocated} bytes"
+        + (f"; the reversal `bridge(t, -1.0)` takes {format_ns(reversal[0])} at {format_size(small)}" if reversal else "")
+        + "."
+    )
+
+
 def summary(results: dict) -> str:
     """One table per device for the README: each method's cost at a glance."""
     env, cfg = results["environment"], results["config"]

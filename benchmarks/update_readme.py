@@ -10,7 +10,7 @@ import json
 import sys
 
 from bench_bridge import RESULTS
-from report import summary
+from report import headline, summary
 
 README = RESULTS.parent.parent / "README.md"
 START = "<!-- benchmark tables: written by benchmarks/update_readme.py -->"
@@ -28,7 +28,9 @@ def render() -> str:
             "",
             f"**{machine}** ([full results]({path.relative_to(README.parent)}))",
             "",
-            summary(json.loads(path.read_text())),
+            headline(results := json.loads(path.read_text())),
+            "",
+            summary(results),
             "",
             f"![latency against size, {device}]({(path.parent / 'latency.png').relative_to(README.parent)})",
         ]
