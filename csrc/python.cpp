@@ -12,9 +12,10 @@
 
 namespace {
 
-// torch.overrides.redispatch_function (torch 2.13) asks the next
+// torch.overrides.redispatch_function, where torch has it, asks the next
 // __torch_function__ check to answer no, and raises unless the function it
-// calls consumes that request; such a call takes the Python entry, whose check does.
+// calls consumes that request; such a call takes the Python entry, whose check
+// does. The flag is read through the exported TLS, and only where it exists.
 template <class TLS, class = void>
 struct CanSkipNext : std::false_type {};
 template <class TLS>
