@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
-from torch.overrides import handle_torch_function, has_torch_function
+from torch.overrides import handle_torch_function, has_torch_function_unary
 
 from . import _extension
 from ._import_hooks import when_imported
@@ -126,8 +126,8 @@ def _bridge_with_options(t: Tensor, /, grad_scale: float | Tensor = _NO_SCALE, *
     """``bridge`` for every call but a plain tensor's cut: its arguments parsed here, their values checked by the operator."""
     # torch's check also answers yes for a class that defines __torch_function__
     # (torch.Tensor itself), though no override applies to a class passed as an
-    # argument; only a mode, which (None,) detects, should see one.
-    if has_torch_function((t,)) and (not isinstance(t, type) or has_torch_function((None,))):
+    # argument; only a mode, which a check of None detects, should see one.
+    if has_torch_function_unary(t) and (not isinstance(t, type) or has_torch_function_unary(None)):
         args = (t,) if grad_scale is _NO_SCALE else (t, grad_scale)
         return handle_torch_function(bridge, (t,), *args, **({} if attach is None else {"attach": attach}))
     if not isinstance(t, Tensor):
