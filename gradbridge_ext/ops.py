@@ -306,8 +306,6 @@ class Bridge(nn.Module):
         return f"grad_scale={self.grad_scale}: gradient to the input times {self.grad_scale}{reversed_}"
 
 
-
-
 # --- bridge's rules for torch.compile, vmap and export
 
 
@@ -352,7 +350,8 @@ def _bridge_for_dynamo(t: Tensor, /, grad_scale: float | Tensor = 0.0, *, attach
     """What dynamo traces in place of ``bridge``.
 
     Dynamo cannot call the operator's checks (csrc/bridge.cpp, check_options)
-    while it traces, so they are restated here, with the same messages; a
+    while it traces, so they are restated here, with the same messages but for
+    the dtype, which Python spells ``torch.int64`` where C++ says ``Long``; a
     float that changes between calls reaches us as a symbol, so its value is
     checked only as far as tracing can.
     """

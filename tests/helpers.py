@@ -17,7 +17,6 @@ DTYPES = [
 ]  # fmt: skip
 
 
-
 def strict_cut(t: torch.Tensor) -> torch.Tensor:
     """bridge(t) made under strict(): a cut that shares t's version counter."""
     with gradbridge_ext.strict():
