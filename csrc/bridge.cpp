@@ -71,19 +71,78 @@ bool check_options(double grad_scale, c10::optional<bool> attach) {
   return attach.value_or(grad_scale != 0);
 }
 
-// A grad_scale tensor is a 0-dim floating tensor, on any device; its value is
-// read only by the backward, so a schedule can update it in place between
-// steps with no host sync and no recompile. It always attaches.
-void check_options(const at::Tensor& grad_scale, c10::optional<bool> attach) {
+// "[2, 3]", without streaming a number (see check_options).
+std::string shape_string(at::IntArrayRef shape) {
+  std::string out = "[";
+  for (size_t i = 0; i < shape.size(); ++i) {
+    out += (i ? ", " : "") + std::to_string(shape[i]);
+  }
+  return out + "]";
+}
+
+// A grad_scale tensor is floating (or bool, a mask) and broadcasts to the
+// gradient's shape without growing it: a 0-dim scale, or a mask such as
+// `rows[:, None]`. Its value is read only by the backward, so a schedule can
+// update it in place between steps with no host sync and no recompile. It
+// always attaches.
+void check_scale_tensor(const char* op, const at::Tensor& grad_scale, at::IntArrayRef shape) {
   TORCH_CHECK_TYPE(
-      grad_scale.defined(), "gradbridge::bridge: grad_scale must be a number or a tensor, got None");
+      grad_scale.defined(), op, ": grad_scale must be a number or a tensor, got None");
+  bool broadcasts = grad_scale.dim() <= static_cast<int64_t>(shape.size());
+  for (int64_t i = 1; broadcasts && i <= grad_scale.dim(); ++i) {
+    const auto size = grad_scale.size(-i);
+    broadcasts = size == 1 || size == shape[shape.size() - i];
+  }
   TORCH_CHECK_VALUE(
-      grad_scale.dim() == 0 && at::isFloatingType(grad_scale.scalar_type()),
-      "gradbridge::bridge: a grad_scale tensor must be 0-dim and floating, got a ",
-      std::to_string(grad_scale.dim()), "-dim ", c10::toString(grad_scale.scalar_type()), " tensor");
+      broadcasts && (at::isFloatingType(grad_scale.scalar_type()) || grad_scale.scalar_type() == at::kBool),
+      op, ": a grad_scale tensor must be floating or bool and broadcast to the shape ",
+      shape_string(shape), ", got a ", shape_string(grad_scale.sizes()), " ",
+      c10::toString(grad_scale.scalar_type()), " tensor");
+}
+
+void check_options(const at::Tensor& t, const at::Tensor& grad_scale, c10::optional<bool> attach) {
+  check_scale_tensor("gradbridge::bridge", grad_scale, t.sizes());
   TORCH_CHECK_VALUE(
       attach != false,
       "gradbridge::bridge: attach=False cuts the graph, but a grad_scale tensor needs it; leave attach out");
+}
+
+// NOTE [straight_through's rules]
+// straight_through(x, q) is q's alias with x's gradient, so the two must
+// describe the same elements: the same shape (the trick's broadcast result
+// would be no alias of q), the same device, and both real floating or both
+// complex (the gradient reaches x in x's dtype, cast by autograd's engine).
+void check_straight_through(const at::Tensor& x, const at::Tensor& q) {
+  TORCH_CHECK_TYPE(
+      x.defined() && q.defined(),
+      "gradbridge::straight_through(x, q): expected two tensors, got None (an undefined tensor)");
+  TORCH_CHECK_VALUE(
+      x.sizes() == q.sizes(),
+      "gradbridge::straight_through(x, q): x and q must have the same shape (no broadcasting: the "
+      "result is an alias of q), got ", shape_string(x.sizes()), " and ", shape_string(q.sizes()));
+  TORCH_CHECK_VALUE(
+      x.device() == q.device(),
+      "gradbridge::straight_through(x, q): x and q must be on the same device, got ",
+      x.device().str(), " and ", q.device().str());
+  const bool real = at::isFloatingType(x.scalar_type()) && at::isFloatingType(q.scalar_type());
+  const bool complex = at::isComplexType(x.scalar_type()) && at::isComplexType(q.scalar_type());
+  TORCH_CHECK_TYPE(
+      real || complex,
+      "gradbridge::straight_through(x, q): x and q must both be floating (or both complex), got ",
+      c10::toString(x.scalar_type()), " and ", c10::toString(q.scalar_type()));
+}
+
+void check_straight_through(const at::Tensor& x, const at::Tensor& q, double grad_scale) {
+  check_straight_through(x, q);
+  TORCH_CHECK_VALUE(
+      std::isfinite(grad_scale),
+      "gradbridge::straight_through: grad_scale must be a finite number, got ",
+      std::isnan(grad_scale) ? "nan" : grad_scale > 0 ? "inf" : "-inf");
+}
+
+void check_straight_through(const at::Tensor& x, const at::Tensor& q, const at::Tensor& grad_scale) {
+  check_straight_through(x, q);
+  check_scale_tensor("gradbridge::straight_through", grad_scale, x.sizes());
 }
 
 // The forward is the same for every backward.
@@ -93,8 +152,16 @@ at::Tensor bridge_kernel(const at::Tensor& t, double grad_scale, c10::optional<b
 
 at::Tensor bridge_tensor_kernel(
     const at::Tensor& t, const at::Tensor& grad_scale, c10::optional<bool> attach) {
-  check_options(grad_scale, attach);
+  check_options(t, grad_scale, attach);
   return bridge_alias(t, /*attached=*/true);
+}
+
+// straight_through's forward is bridge's attached alias, of q.
+// Scale: double, or const at::Tensor& (the .Tensor overload).
+template <class Scale>
+at::Tensor straight_through_kernel(const at::Tensor& x, const at::Tensor& q, Scale grad_scale) {
+  check_straight_through(x, q, grad_scale);
+  return bridge_alias(q, /*attached=*/true);
 }
 
 // How Python spells a layout, for error messages.
@@ -156,8 +223,17 @@ at::Tensor bridge_unsupported_tensor(const at::Tensor& t, const at::Tensor&, c10
   return bridge_unsupported(t);
 }
 
+template <class Scale>
+at::Tensor straight_through_unsupported(const at::Tensor& x, const at::Tensor& q, Scale) {
+  check_straight_through(x, q);
+  check_strided(q);
+  return bridge_unsupported(q);
+}
+
 using BridgeSignature = at::Tensor(const at::Tensor&, double, c10::optional<bool>);
 using BridgeTensorSignature = at::Tensor(const at::Tensor&, const at::Tensor&, c10::optional<bool>);
+using StraightThroughSignature = at::Tensor(const at::Tensor&, const at::Tensor&, double);
+using StraightThroughTensorSignature = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&);
 
 const c10::TypedOperatorHandle<BridgeSignature>& bridge_op() {
   static const auto op = c10::Dispatcher::singleton()
@@ -173,19 +249,35 @@ const c10::TypedOperatorHandle<BridgeTensorSignature>& bridge_tensor_op() {
   return op;
 }
 
-// The backward of an attached result: grad_scale * grad, or autograd's zero
+const c10::TypedOperatorHandle<StraightThroughSignature>& straight_through_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("gradbridge::straight_through", "")
+                             .typed<StraightThroughSignature>();
+  return op;
+}
+
+const c10::TypedOperatorHandle<StraightThroughTensorSignature>& straight_through_tensor_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("gradbridge::straight_through", "Tensor")
+                             .typed<StraightThroughTensorSignature>();
+  return op;
+}
+
+// The backward of an attached result, and of straight_through's (named for
+// each): grad_scale * grad, or autograd's zero
 // (an undefined gradient, None in Python) when a number grad_scale is 0. With
 // a number it saves nothing, so it neither keeps t alive nor checks t's
 // version. A grad_scale tensor is saved as autograd saves any input: the
 // backward uses the value it had at the forward, and an in-place change of it
 // before the backward raises autograd's "modified by an inplace operation".
 // It always multiplies (a zero tensor gives zeros): knowing it is zero would
-// need a host sync. The scale itself gets no gradient: the forward does not
-// depend on it.
-struct BridgeBackward : public torch::autograd::Node {
-  explicit BridgeBackward(double grad_scale) : grad_scale(grad_scale) {}
-  explicit BridgeBackward(const at::Tensor& grad_scale)
-      : grad_scale(1), scale_tensor(grad_scale, /*is_output=*/false), has_scale_tensor(true) {}
+// need a host sync. A mask (a scale tensor of more dimensions) broadcasts to
+// the gradient's shape, which check_scale_tensor made sure it does not grow.
+// The scale itself gets no gradient: the forward does not depend on it.
+struct ScaledGradBackward : public torch::autograd::Node {
+  ScaledGradBackward(const char* name, double grad_scale) : name_(name), grad_scale(grad_scale) {}
+  ScaledGradBackward(const char* name, const at::Tensor& grad_scale)
+      : name_(name), grad_scale(1), scale_tensor(grad_scale, /*is_output=*/false), has_scale_tensor(true) {}
 
   torch::autograd::variable_list apply(
       torch::autograd::variable_list&& grads) override {
@@ -205,13 +297,14 @@ struct BridgeBackward : public torch::autograd::Node {
   }
 
   std::string name() const override {
-    return "BridgeBackward";
+    return name_;
   }
 
   void release_variables() override {
     scale_tensor.reset_data();
   }
 
+  const char* const name_;
   const double grad_scale;
   torch::autograd::SavedVariable scale_tensor;
   const bool has_scale_tensor = false;
@@ -277,18 +370,21 @@ at::Tensor custom_function_view(AsView as_view, const at::Tensor& base, const at
   }
 }
 
+// `result` aliases `base`; its gradient goes to `input` (bridge: both are t;
+// straight_through: q's values, x's gradient). So it is recorded only when
+// `input` needs a gradient, as the trick's result would be.
 template <class Node>
-at::Tensor attach_to_graph(const at::Tensor& t, at::Tensor result, Node node) {
-  share_version_counter(t, result);
-  if (!torch::autograd::compute_requires_grad(t)) {
+at::Tensor attach_to_graph(const at::Tensor& base, const at::Tensor& input, at::Tensor result, Node node) {
+  share_version_counter(base, result);
+  if (!torch::autograd::compute_requires_grad(input)) {
     return result;
   }
   result = custom_function_view(
       [](auto&&... args) -> decltype(torch::autograd::as_view(std::forward<decltype(args)>(args)...)) {
         return torch::autograd::as_view(std::forward<decltype(args)>(args)...);
       },
-      t, result);
-  node->set_next_edges(torch::autograd::collect_next_edges(t));
+      base, result);
+  node->set_next_edges(torch::autograd::collect_next_edges(input));
   torch::autograd::set_history(result, node);
   return result;
 }
@@ -316,16 +412,39 @@ at::Tensor bridge_autograd(
     }
     return result;
   }
-  return attach_to_graph(t, std::move(result), make_node<BridgeBackward>(grad_scale));
+  return attach_to_graph(t, t, std::move(result), make_node<ScaledGradBackward>("BridgeBackward", grad_scale));
 }
 
 at::Tensor bridge_tensor_autograd(
     c10::DispatchKeySet ks, const at::Tensor& t, const at::Tensor& grad_scale,
     c10::optional<bool> attach) {
-  check_options(grad_scale, attach);
+  check_options(t, grad_scale, attach);
   check_attached_forward_ad(t);
   auto result = redispatch_below_autograd(bridge_tensor_op(), ks, t, grad_scale, attach);
-  return attach_to_graph(t, std::move(result), make_node<BridgeBackward>(grad_scale));
+  return attach_to_graph(t, t, std::move(result), make_node<ScaledGradBackward>("BridgeBackward", grad_scale));
+}
+
+// NB: an STE's backward is no derivative of its forward either, so forward-mode
+// AD is refused for x and q alike.
+template <class Op, class Scale>
+at::Tensor straight_through_autograd(
+    const Op& op, c10::DispatchKeySet ks, const at::Tensor& x, const at::Tensor& q, const Scale& grad_scale) {
+  check_straight_through(x, q, grad_scale);
+  TORCH_CHECK_NOT_IMPLEMENTED(
+      !torch::autograd::isFwGradDefined(x) && !torch::autograd::isFwGradDefined(q),
+      "gradbridge::straight_through: forward-mode AD is not supported");
+  auto result = redispatch_below_autograd(op, ks, x, q, grad_scale);
+  return attach_to_graph(q, x, std::move(result), make_node<ScaledGradBackward>("StraightThroughBackward", grad_scale));
+}
+
+at::Tensor straight_through_scalar_autograd(
+    c10::DispatchKeySet ks, const at::Tensor& x, const at::Tensor& q, double grad_scale) {
+  return straight_through_autograd(straight_through_op(), ks, x, q, grad_scale);
+}
+
+at::Tensor straight_through_tensor_autograd(
+    c10::DispatchKeySet ks, const at::Tensor& x, const at::Tensor& q, const at::Tensor& grad_scale) {
+  return straight_through_autograd(straight_through_tensor_op(), ks, x, q, grad_scale);
 }
 
 // NB: the dispatcher's two kernel hops and profiler check cost a large share
@@ -379,6 +498,18 @@ at::Tensor bridge(const at::Tensor& t, const at::Tensor& grad_scale, c10::option
   return bridge_tensor_op().call(t, grad_scale, attach);
 }
 
+at::Tensor straight_through(const at::Tensor& x, const at::Tensor& q, double grad_scale) {
+  check_straight_through(x, q);
+  check_strided(q);
+  return straight_through_op().call(x, q, grad_scale);
+}
+
+at::Tensor straight_through(const at::Tensor& x, const at::Tensor& q, const at::Tensor& grad_scale) {
+  check_straight_through(x, q);
+  check_strided(q);
+  return straight_through_tensor_op().call(x, q, grad_scale);
+}
+
 bool set_strict(bool enabled) {
   return strict_mode.exchange(enabled);
 }
@@ -387,8 +518,9 @@ bool is_strict() {
   return strict_mode.load();
 }
 
-// The schema marks the result as an alias of t, as detach's does; the rules
-// between grad_scale and attach are check_options'.
+// The schemas mark the result as an alias of t (of q), as detach's does; the
+// rules between grad_scale and attach are check_options', straight_through's
+// are check_straight_through's.
 //
 // Kernels, one list per kernel. The alias moves no data, so one device-generic
 // forward serves CPU, CUDA and Meta (shape-only tracing); other backends and
@@ -397,18 +529,26 @@ bool is_strict() {
 TORCH_LIBRARY(gradbridge, m) {
   m.def("bridge(Tensor(a) t, float grad_scale=0., bool? attach=None) -> Tensor(a)");
   m.def("bridge.Tensor(Tensor(a) t, Tensor grad_scale, bool? attach=None) -> Tensor(a)");
+  m.def("straight_through(Tensor x, Tensor(a) q, float grad_scale=1.) -> Tensor(a)");
+  m.def("straight_through.Tensor(Tensor x, Tensor(a) q, Tensor grad_scale) -> Tensor(a)");
   using c10::DispatchKey;
   for (auto key : {DispatchKey::CPU, DispatchKey::CUDA, DispatchKey::Meta}) {
     m.impl("bridge", torch::dispatch(key, TORCH_FN(bridge_kernel)));
     m.impl("bridge.Tensor", torch::dispatch(key, TORCH_FN(bridge_tensor_kernel)));
+    m.impl("straight_through", torch::dispatch(key, TORCH_FN(straight_through_kernel<double>)));
+    m.impl("straight_through.Tensor", torch::dispatch(key, TORCH_FN(straight_through_kernel<const at::Tensor&>)));
   }
   for (auto key : {DispatchKey::CompositeExplicitAutograd, DispatchKey::NestedTensorCPU,
                    DispatchKey::NestedTensorCUDA}) {
     m.impl("bridge", torch::dispatch(key, TORCH_FN(bridge_unsupported_scalar)));
     m.impl("bridge.Tensor", torch::dispatch(key, TORCH_FN(bridge_unsupported_tensor)));
+    m.impl("straight_through", torch::dispatch(key, TORCH_FN(straight_through_unsupported<double>)));
+    m.impl("straight_through.Tensor", torch::dispatch(key, TORCH_FN(straight_through_unsupported<const at::Tensor&>)));
   }
   m.impl("bridge", torch::dispatch(DispatchKey::Autograd, TORCH_FN(bridge_autograd)));
   m.impl("bridge.Tensor", torch::dispatch(DispatchKey::Autograd, TORCH_FN(bridge_tensor_autograd)));
+  m.impl("straight_through", torch::dispatch(DispatchKey::Autograd, TORCH_FN(straight_through_scalar_autograd)));
+  m.impl("straight_through.Tensor", torch::dispatch(DispatchKey::Autograd, TORCH_FN(straight_through_tensor_autograd)));
 }
 
 } // namespace gradbridge

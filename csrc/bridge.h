@@ -13,9 +13,18 @@ namespace gradbridge {
 // other operator; a cut nothing would observe goes straight to the kernel
 // (see the NB in bridge.cpp).
 at::Tensor bridge(const at::Tensor& t, double grad_scale = 0, c10::optional<bool> attach = c10::nullopt);
-// The same with a 0-dim floating grad_scale tensor, saved for the backward:
-// always attached, and its gradient is grad_scale * grad (see BridgeBackward).
+// The same with a grad_scale tensor, saved for the backward: floating (or
+// bool), 0-dim or a mask that broadcasts to t's shape; always attached, and
+// its gradient is grad_scale * grad (see ScaledGradBackward).
 at::Tensor bridge(const at::Tensor& t, const at::Tensor& grad_scale, c10::optional<bool> attach = c10::nullopt);
+
+// The exact straight-through estimator: an alias of q (its values, bitwise)
+// whose backward sends grad_scale * grad to x and nothing to q, as
+// `x + (q - x).detach()` does. x and q have the same shape and device, and are
+// both floating (or both complex); grad_scale is a finite number or a floating
+// (or bool) tensor that broadcasts to x's shape.
+at::Tensor straight_through(const at::Tensor& x, const at::Tensor& q, double grad_scale = 1);
+at::Tensor straight_through(const at::Tensor& x, const at::Tensor& q, const at::Tensor& grad_scale);
 
 // Strict mode: results share t's version counter, as detach()'s do, so
 // autograd raises when t is changed in place after C saved the result.

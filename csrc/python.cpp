@@ -1,4 +1,4 @@
-// The Python entry point: gradbridge_ext._C.bridge.
+// The Python entry points: gradbridge_ext._C.bridge and _C.straight_through.
 
 #include <ATen/PythonTorchFunctionTLS.h>
 #include <torch/csrc/Exceptions.h>
@@ -38,19 +38,47 @@ bool skip_next_torch_function() {
 // defer to. Every other call, options, subclasses, modes and bad arguments,
 // goes to the Python entry `_bridge_with_options` (gradbridge_ext/ops.py),
 // which binds and checks the arguments and calls bridge_parsed.
+// True when torch's __torch_function__ check would answer no for these
+// positional plain Tensors (or Parameters): nothing to defer to.
+bool plain_tensors(PyObject* const* args, Py_ssize_t nargs, PyObject* kwnames) {
+  for (Py_ssize_t i = 0; i < nargs; ++i) {
+    if (!THPVariable_CheckExact(args[i])) {
+      return false;
+    }
+  }
+  return !kwnames && !at::impl::torch_function_mode_enabled() && !skip_next_torch_function();
+}
+
+// The call as it was made, to the module's Python entry of that name.
+PyObject* hand_off(PyObject* module, PyObject* name, PyObject* const* args, Py_ssize_t nargs, PyObject* kwnames) {
+  auto python_entry = THPObjectPtr(PyObject_GetAttr(module, name));
+  if (!python_entry) {
+    return nullptr;
+  }
+  return PyObject_Vectorcall(python_entry.get(), args, nargs, kwnames);
+}
+
 PyObject* bridge_entry(
     PyObject* module, PyObject* const* args, Py_ssize_t nargs, PyObject* kwnames) {
   HANDLE_TH_ERRORS
-  if (nargs == 1 && !kwnames && THPVariable_CheckExact(args[0]) &&
-      !at::impl::torch_function_mode_enabled() && !skip_next_torch_function()) {
+  if (nargs == 1 && plain_tensors(args, nargs, kwnames)) {
     return THPVariable_Wrap(gradbridge::bridge(THPVariable_Unpack(args[0])));
   }
   static PyObject* const name = PyUnicode_InternFromString("_bridge_with_options");
-  auto with_options = THPObjectPtr(PyObject_GetAttr(module, name));
-  if (!with_options) {
-    return nullptr;
+  return hand_off(module, name, args, nargs, kwnames);
+  END_HANDLE_TH_ERRORS
+}
+
+// The same for straight_through(x, q): the STE of a quantizer, once per layer
+// and step, with the rest handed to `_straight_through_with_options`.
+PyObject* straight_through_entry(
+    PyObject* module, PyObject* const* args, Py_ssize_t nargs, PyObject* kwnames) {
+  HANDLE_TH_ERRORS
+  if (nargs == 2 && plain_tensors(args, nargs, kwnames)) {
+    return THPVariable_Wrap(gradbridge::straight_through(THPVariable_Unpack(args[0]), THPVariable_Unpack(args[1])));
   }
-  return PyObject_Vectorcall(with_options.get(), args, nargs, kwnames);
+  static PyObject* const name = PyUnicode_InternFromString("_straight_through_with_options");
+  return hand_off(module, name, args, nargs, kwnames);
   END_HANDLE_TH_ERRORS
 }
 
@@ -75,6 +103,24 @@ PyObject* bridge_parsed(PyObject* /*module*/, PyObject* const* args, Py_ssize_t 
   END_HANDLE_TH_ERRORS
 }
 
+// gradbridge::straight_through for parsed arguments: x and q Tensors,
+// grad_scale a float or a Tensor.
+PyObject* straight_through_parsed(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  TORCH_CHECK_TYPE(
+      nargs == 3 && THPVariable_Check(args[0]) && THPVariable_Check(args[1]) &&
+          (THPVariable_Check(args[2]) || PyFloat_Check(args[2])),
+      "_straight_through_parsed(x, q, grad_scale) takes what straight_through() has parsed; "
+      "call straight_through()");
+  const auto& x = THPVariable_Unpack(args[0]);
+  const auto& q = THPVariable_Unpack(args[1]);
+  if (THPVariable_Check(args[2])) {
+    return THPVariable_Wrap(gradbridge::straight_through(x, q, THPVariable_Unpack(args[2])));
+  }
+  return THPVariable_Wrap(gradbridge::straight_through(x, q, PyFloat_AS_DOUBLE(args[2])));
+  END_HANDLE_TH_ERRORS
+}
+
 PyObject* set_strict(PyObject* /*module*/, PyObject* enabled) {
   HANDLE_TH_ERRORS
   const int value = PyObject_IsTrue(enabled);
@@ -93,6 +139,8 @@ PyObject* is_strict(PyObject* /*module*/, PyObject* /*unused*/) {
 PyMethodDef methods[] = {
     {"bridge", (PyCFunction)(void (*)())bridge_entry, METH_FASTCALL | METH_KEYWORDS, nullptr},
     {"_bridge_parsed", (PyCFunction)(void (*)())bridge_parsed, METH_FASTCALL, nullptr},
+    {"straight_through", (PyCFunction)(void (*)())straight_through_entry, METH_FASTCALL | METH_KEYWORDS, nullptr},
+    {"_straight_through_parsed", (PyCFunction)(void (*)())straight_through_parsed, METH_FASTCALL, nullptr},
     {"_set_strict", set_strict, METH_O, nullptr},
     {"_is_strict", is_strict, METH_NOARGS, nullptr},
     {nullptr, nullptr, 0, nullptr}};

@@ -1,7 +1,7 @@
 """The Python face of gradbridge::bridge, and its rules for the rest of the stack.
 
-``bridge`` (the compiled entry point itself), ``Bridge``, ``BridgeFunction`` and
-``strict`` are defined here; ``gradbridge_ext`` re-exports them. Below them are
+``bridge`` and ``straight_through`` (the compiled entry points themselves),
+``Bridge``, ``BridgeFunction`` and ``strict`` are defined here; ``gradbridge_ext`` re-exports them. Below them are
 bridge's rules for torch.compile, torch.func.vmap and torch.export, each where
 torch's own API asks for one:
 
@@ -34,12 +34,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
-from torch.overrides import handle_torch_function, has_torch_function_unary
+from torch.overrides import handle_torch_function, has_torch_function, has_torch_function_unary
 
 from . import _extension
 from ._import_hooks import when_imported
 
-__all__ = ["Bridge", "BridgeFunction", "bridge", "strict"]
+__all__ = ["Bridge", "BridgeFunction", "bridge", "straight_through", "strict"]
 
 _C = _extension.load()
 
@@ -75,8 +75,10 @@ attach=True)``                    zeros)                 e.g. DDP with
                                                          =False``
 ==================  ===========  =====================  ==========================
 
-``grad_scale`` may also be a 0-dim floating tensor, on any device: it is saved
-for the backward like any input (change it in place between steps, not between
+``grad_scale`` may also be a floating (or bool) tensor, on any device: 0-dim, or
+a mask of any shape that broadcasts to ``t``'s (``bridge(emb.weight,
+new_rows[:, None])`` trains only the new rows of an embedding). It is saved for
+the backward like any input (change it in place between steps, not between
 forward and backward), always multiplies, and gets no gradient itself.
 A number ``grad_scale`` must be finite (not a bool); ``attach=None`` means
 "attached if ``grad_scale`` is not 0", and ``attach=False`` with a nonzero
@@ -107,6 +109,44 @@ Examples::
     ('BridgeBackward', True)
 """
 
+_STRAIGHT_THROUGH_DOC = r"""straight_through(x, q, /, grad_scale=1.0)
+--
+
+Return ``q``, exactly, with ``x``'s gradient: the straight-through estimator.
+
+What ``x + (q - x).detach()`` means, without its two kernels, its two temporaries
+and its rounding: the result is an alias of ``q`` (same storage, no copy, no
+allocation, no kernel; bitwise ``q``), and its backward sends ``grad_scale *
+grad`` to ``x`` (no kernel at 1.0) and nothing to ``q``. The argument order is
+vector-quantize-pytorch's ``straight_through(src, tgt)``: ``x`` is the source of
+the gradient, ``q`` (its quantized, rounded or one-hot form) gives the values.
+
+``x`` and ``q`` must have the same shape (no broadcasting: the result is ``q``)
+and device, and both be floating (or both complex); their dtypes may differ: the
+result has ``q``'s, and the gradient reaches ``x`` in ``x``'s. ``grad_scale`` is a
+finite number, or a floating (or bool) tensor that broadcasts to ``x``'s shape,
+saved for the backward. The result is recorded in the graph when ``x`` requires
+grad (grad mode on): then it is a custom Function's view of ``q``, so an in-place
+op on it raises autograd's "is a view and is being modified inplace" instead of
+silently writing ``q``. It always shares ``q``'s version counter. Otherwise (``x``
+needs no grad, ``no_grad``, inference mode) it is a plain alias of ``q`` that does
+not require grad, as the trick's result would not. Forward-mode AD is refused.
+
+Examples::
+
+    >>> import torch, gradbridge_ext
+    >>> w = torch.tensor([0.4, -1.3, 0.1], requires_grad=True)
+    >>> q = w.detach().round().clamp(-1, 1)        # ternary weights
+    >>> y = gradbridge_ext.straight_through(w, q)
+    >>> y                                          # q's values, exactly
+    tensor([ 0., -1.,  0.], grad_fn=<StraightThroughBackward>)
+    >>> y.data_ptr() == q.data_ptr()               # q itself, no copy
+    True
+    >>> (y * torch.tensor([1.0, 2.0, 3.0])).sum().backward()
+    >>> w.grad                                     # the gradient goes straight through to w
+    tensor([1., 2., 3.])
+"""
+
 if TYPE_CHECKING:
 
     def bridge(t: Tensor, /, grad_scale: float | Tensor = 0.0, *, attach: bool | None = None) -> Tensor: ...
@@ -118,6 +158,17 @@ else:
     bridge = _C.bridge
     if bridge.__doc__ is None:
         torch._C._add_docstr(bridge, _BRIDGE_DOC)
+
+if TYPE_CHECKING:
+
+    def straight_through(x: Tensor, q: Tensor, /, grad_scale: float | Tensor = 1.0) -> Tensor: ...
+
+else:
+    # NB: as for bridge, the C entry point handles straight_through(x, q) and
+    # hands every other call to _straight_through_with_options.
+    straight_through = _C.straight_through
+    if straight_through.__doc__ is None:
+        torch._C._add_docstr(straight_through, _STRAIGHT_THROUGH_DOC)
 
 _NO_SCALE = 0.0
 
@@ -135,13 +186,28 @@ def _bridge_with_options(t: Tensor, /, grad_scale: float | Tensor = _NO_SCALE, *
     if attach is not None and attach is not True and attach is not False:
         raise _attach_type_error(attach)
     if type(grad_scale) is not float and not isinstance(grad_scale, Tensor):
-        grad_scale = _as_float(grad_scale)
+        grad_scale = _as_float(grad_scale, "bridge")
     return _C._bridge_parsed(t, grad_scale, attach)
+
+
+def _straight_through_with_options(x: Tensor, q: Tensor, /, grad_scale: float | Tensor = 1.0) -> Tensor:
+    """``straight_through`` for every call but two plain tensors': parsed here, checked by the operator."""
+    if has_torch_function((x, q)):
+        args = (x, q) if grad_scale == 1.0 and type(grad_scale) is float else (x, q, grad_scale)
+        return handle_torch_function(straight_through, (x, q), *args)
+    for name, value in (("x", x), ("q", q)):
+        if not isinstance(value, Tensor):
+            raise TypeError(f"straight_through(): argument '{name}' must be a torch.Tensor, not {_type_name(value)}")
+    if type(grad_scale) is not float and not isinstance(grad_scale, Tensor):
+        grad_scale = _as_float(grad_scale, "straight_through")
+    return _C._straight_through_parsed(x, q, grad_scale)
 
 
 # Python's own argument errors name the function the user called.
 _bridge_with_options.__qualname__ = _bridge_with_options.__name__ = "bridge"
+_straight_through_with_options.__qualname__ = _straight_through_with_options.__name__ = "straight_through"
 _C._bridge_with_options = _bridge_with_options
+_C._straight_through_with_options = _straight_through_with_options
 
 
 def _type_name(value: Any) -> str:
@@ -155,21 +221,21 @@ def _attach_type_error(attach: Any) -> TypeError:
     return TypeError(f"bridge(): argument 'attach' must be a bool or None, not {_type_name(attach)}")
 
 
-def _grad_scale_type_error(grad_scale: Any) -> TypeError:
-    hint = " (attach=True is a keyword argument)" if isinstance(grad_scale, bool) else ""
-    return TypeError(f"bridge(): argument 'grad_scale' must be a number, not {_type_name(grad_scale)}{hint}")
+def _grad_scale_type_error(grad_scale: Any, function: str = "bridge") -> TypeError:
+    hint = " (attach=True is a keyword argument)" if isinstance(grad_scale, bool) and function == "bridge" else ""
+    return TypeError(f"{function}(): argument 'grad_scale' must be a number, not {_type_name(grad_scale)}{hint}")
 
 
-def _as_float(grad_scale: Any) -> float:
+def _as_float(grad_scale: Any, function: str) -> float:
     """A number as C reads a double (``__float__`` or ``__index__``); not a bool or a string."""
     if isinstance(grad_scale, (bool, str, bytes, bytearray)):
-        raise _grad_scale_type_error(grad_scale)
+        raise _grad_scale_type_error(grad_scale, function)
     try:
         return float(grad_scale)
     except TypeError:
-        raise _grad_scale_type_error(grad_scale) from None
+        raise _grad_scale_type_error(grad_scale, function) from None
     except OverflowError:
-        raise ValueError("gradbridge::bridge: grad_scale must be a finite number, got an int too large for a float") from None
+        raise ValueError(f"gradbridge::{function}: grad_scale must be a finite number, got an int too large for a float") from None
 
 
 class BridgeFunction(torch.autograd.Function):
@@ -278,7 +344,8 @@ class Bridge(nn.Module):
     def __init__(self, grad_scale: float | Tensor = 0.0, *, attach: bool | None = None) -> None:
         super().__init__()
         with torch.enable_grad():  # the operator checks the options and says whether they attach
-            probe = torch.empty(0, device="meta", requires_grad=True)
+            shape = grad_scale.shape if isinstance(grad_scale, Tensor) else ()  # a mask's own shape fits it
+            probe = torch.empty(shape, device="meta", requires_grad=True)
             self.attach = bridge(probe, grad_scale, attach=attach).requires_grad
         if isinstance(grad_scale, Tensor):
             # A buffer, so it moves with the module; update it in place for a schedule.
@@ -320,6 +387,24 @@ def _register_if_available(module: Any, name: str, *args: Any) -> Any:
     return register(*args) if register is not None else lambda function: function
 
 
+def _save_scale(ctx: Any, grad_scale: float | Tensor | None) -> None:
+    ctx.scale_is_tensor = isinstance(grad_scale, Tensor)
+    if ctx.scale_is_tensor:
+        ctx.save_for_backward(grad_scale)  # as the eager kernel saves it: its value at the forward
+    else:
+        ctx.grad_scale = grad_scale
+
+
+def _scaled(ctx: Any, grad: Tensor) -> Tensor | None:
+    """The eager ScaledGradBackward: ``grad_scale * grad``, or ``None`` for ``grad_scale=None``."""
+    if ctx.scale_is_tensor:
+        (scale,) = ctx.saved_tensors
+        if scale.device != grad.device and scale.device.type != "cpu":
+            scale = scale.to(grad.device)
+        return grad * scale
+    return None if ctx.grad_scale is None else grad * ctx.grad_scale
+
+
 class _AttachedBridge(torch.autograd.Function):
     """The attached forms: a view forward; ``grad_scale * grad``, or ``None`` for ``grad_scale=None``."""
 
@@ -329,21 +414,41 @@ class _AttachedBridge(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Tensor, float | Tensor | None], output: Tensor) -> None:
-        grad_scale = inputs[1]
-        ctx.scale_is_tensor = isinstance(grad_scale, Tensor)
-        if ctx.scale_is_tensor:
-            ctx.save_for_backward(grad_scale)  # as the eager kernel saves it: its value at the forward
-        else:
-            ctx.grad_scale = grad_scale
+        _save_scale(ctx, inputs[1])
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None]:
-        if ctx.scale_is_tensor:
-            (scale,) = ctx.saved_tensors
-            if scale.device != grad.device and scale.device.type != "cpu":
-                scale = scale.to(grad.device)
-            return grad * scale, None
-        return (None if ctx.grad_scale is None else grad * ctx.grad_scale), None
+        return _scaled(ctx, grad), None
+
+
+class _StraightThrough(torch.autograd.Function):
+    """straight_through in a compiled graph: a view of ``q``; ``grad_scale * grad`` to ``x``, in ``x``'s dtype."""
+
+    @staticmethod
+    def forward(x: Tensor, q: Tensor, grad_scale: float | Tensor) -> Tensor:
+        return q.view_as(q)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Tensor, Tensor, float | Tensor], output: Tensor) -> None:
+        ctx.x_dtype = inputs[0].dtype
+        _save_scale(ctx, inputs[2])
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None]:
+        scaled = _scaled(ctx, grad)
+        return (None if scaled is None else scaled.to(ctx.x_dtype)), None, None
+
+
+def _check_scale_tensor(function: str, grad_scale: Tensor, shape: torch.Size) -> None:
+    """csrc/bridge.cpp's check_scale_tensor, for the compile stand-ins."""
+    broadcasts = grad_scale.dim() <= len(shape) and all(
+        size == 1 or size == shape[i - grad_scale.dim()] for i, size in enumerate(grad_scale.shape)
+    )
+    if not broadcasts or not (grad_scale.is_floating_point() or grad_scale.dtype == torch.bool):
+        raise ValueError(
+            f"gradbridge::{function}: a grad_scale tensor must be floating or bool and broadcast to the shape "
+            f"{list(shape)}, got a {list(grad_scale.shape)} {grad_scale.dtype} tensor"
+        )
 
 
 def _bridge_for_dynamo(t: Tensor, /, grad_scale: float | Tensor = 0.0, *, attach: bool | None = None) -> Tensor:
@@ -358,11 +463,7 @@ def _bridge_for_dynamo(t: Tensor, /, grad_scale: float | Tensor = 0.0, *, attach
     if attach is not None and not isinstance(attach, bool):
         raise _attach_type_error(attach)
     if isinstance(grad_scale, Tensor):
-        if grad_scale.dim() != 0 or not grad_scale.is_floating_point():
-            raise ValueError(
-                "gradbridge::bridge: a grad_scale tensor must be 0-dim and floating, "
-                f"got a {grad_scale.dim()}-dim {grad_scale.dtype} tensor"
-            )
+        _check_scale_tensor("bridge", grad_scale, t.shape)
         if attach is False:
             raise ValueError("gradbridge::bridge: attach=False cuts the graph, but a grad_scale tensor needs it; leave attach out")
         return _AttachedBridge.apply(t, grad_scale)
@@ -380,6 +481,26 @@ def _bridge_for_dynamo(t: Tensor, /, grad_scale: float | Tensor = 0.0, *, attach
     return _AttachedBridge.apply(t, grad_scale if nonzero else None)
 
 
+def _straight_through_for_dynamo(x: Tensor, q: Tensor, /, grad_scale: float | Tensor = 1.0) -> Tensor:
+    """What dynamo traces in place of ``straight_through``: the operator's checks, restated as for bridge."""
+    if x.shape != q.shape:
+        raise ValueError(
+            "gradbridge::straight_through(x, q): x and q must have the same shape (no broadcasting: the "
+            f"result is an alias of q), got {list(x.shape)} and {list(q.shape)}"
+        )
+    if x.device != q.device:
+        raise ValueError(f"gradbridge::straight_through(x, q): x and q must be on the same device, got {x.device} and {q.device}")
+    if not (x.is_floating_point() and q.is_floating_point() or x.is_complex() and q.is_complex()):
+        raise TypeError(f"gradbridge::straight_through(x, q): x and q must both be floating (or both complex), got {x.dtype} and {q.dtype}")
+    if isinstance(grad_scale, Tensor):
+        _check_scale_tensor("straight_through", grad_scale, x.shape)
+    elif isinstance(grad_scale, bool) or not isinstance(grad_scale, numbers.Real):
+        raise _grad_scale_type_error(grad_scale, "straight_through")
+    elif grad_scale - grad_scale != 0:  # see _bridge_for_dynamo
+        raise ValueError(f"gradbridge::straight_through: grad_scale must be a finite number, got {grad_scale}")
+    return _StraightThrough.apply(x, q, grad_scale)
+
+
 @_register_if_available(torch.library, "register_vmap", "gradbridge::bridge")
 def _bridge_vmap(
     info: Any, in_dims: tuple[int | None, ...], t: Tensor, grad_scale: float = 0.0, attach: bool | None = None
@@ -393,11 +514,35 @@ def _bridge_tensor_vmap(
 ) -> tuple[Tensor, int | None]:
     if in_dims[1] is not None:
         raise ValueError("bridge under vmap: a grad_scale tensor must be the same for the whole batch")
-    return torch.ops.gradbridge.bridge.Tensor(t, grad_scale, attach), in_dims[0]
+    # A mask broadcasts from the right, so the batch goes first, where it cannot meet the mask.
+    return torch.ops.gradbridge.bridge.Tensor(_batch_first(t, in_dims[0], info), grad_scale, attach), 0
+
+
+def _batch_first(t: Tensor, in_dim: int | None, info: Any) -> Tensor:
+    """``t`` with its batch dimension first: moved there, or ``t`` expanded to the batch (a view either way)."""
+    if in_dim is None:
+        return t.expand(info.batch_size, *t.shape)
+    return t.movedim(in_dim, 0)
+
+
+def _straight_through_vmap(
+    info: Any, in_dims: tuple[int | None, ...], x: Tensor, q: Tensor, grad_scale: float | Tensor = 1.0
+) -> tuple[Tensor, int | None]:
+    if isinstance(grad_scale, Tensor) and in_dims[2] is not None:
+        raise ValueError("straight_through under vmap: a grad_scale tensor must be the same for the whole batch")
+    return straight_through(_batch_first(x, in_dims[0], info), _batch_first(q, in_dims[1], info), grad_scale), 0
+
+
+for _overload in ("gradbridge::straight_through", "gradbridge::straight_through.Tensor"):
+    _register_if_available(torch.library, "register_vmap", _overload)(_straight_through_vmap)
 
 
 def _alias(t: Tensor, *options: Any) -> Tensor:
     return torch.ops.aten.alias.default(t)
+
+
+def _alias_of_q(x: Tensor, q: Tensor, grad_scale: Any) -> Tensor:
+    return torch.ops.aten.alias.default(q)
 
 
 # NB: functionalization decomposes an op whose schema aliases its input through
@@ -406,10 +551,13 @@ def _alias(t: Tensor, *options: Any) -> Tensor:
 # kernels. tests/test_export.py pins this, so a torch that changes it fails there.
 for _overload in (torch.ops.gradbridge.bridge.default, torch.ops.gradbridge.bridge.Tensor):
     _overload.py_impl(torch._C.DispatchKey.CompositeImplicitAutograd)(_alias)
+for _overload in (torch.ops.gradbridge.straight_through.default, torch.ops.gradbridge.straight_through.Tensor):
+    _overload.py_impl(torch._C.DispatchKey.CompositeImplicitAutograd)(_alias_of_q)
 
 
 def _register_compile_rule() -> None:
     _register_if_available(torch.compiler, "substitute_in_graph", _C.bridge)(_bridge_for_dynamo)
+    _register_if_available(torch.compiler, "substitute_in_graph", _C.straight_through)(_straight_through_for_dynamo)
 
 
 when_imported("torch._dynamo", _register_compile_rule)

@@ -387,18 +387,50 @@ def test_a_cpu_grad_scale_tensor_scales_a_gradient_on_any_device(device: str) ->
 @pytest.mark.parametrize(
     "scale, kwargs, error, match",
     [
-        (torch.ones(2), {}, ValueError, "must be 0-dim and floating, got a 1-dim Float tensor"),
-        (torch.tensor(1), {}, ValueError, "must be 0-dim and floating, got a 0-dim Long tensor"),
+        (torch.ones(3), {}, ValueError, r"broadcast to the shape \[2\], got a \[3\] Float tensor"),
+        (torch.ones(2, 1), {}, ValueError, r"broadcast to the shape \[2\], got a \[2, 1\] Float tensor"),
+        (torch.tensor(1), {}, ValueError, r"must be floating or bool and broadcast to the shape \[2?\], got a \[\] Long tensor"),
         (torch.tensor(1.0), {"attach": False}, ValueError, "attach=False cuts the graph"),
     ],
 )
 def test_bad_grad_scale_tensors_raise(scale: torch.Tensor, kwargs: dict, error: type, match: str) -> None:
-    for call in (lambda: bridge(torch.ones(2), scale, **kwargs), lambda: Bridge(grad_scale=scale, **kwargs)):
+    for call in (lambda: bridge(torch.ones(2), scale, **kwargs), lambda: Bridge(grad_scale=scale, **kwargs)(torch.ones(2))):
         with pytest.raises(error, match=match):
             call()
     if not kwargs:
         with pytest.raises(error, match=match):
             torch.ops.gradbridge.bridge.Tensor(torch.ones(2), scale)
+
+
+@pytest.mark.parametrize(
+    "mask",
+    [
+        torch.tensor([1.0, 0.0, -2.0, 0.5])[:, None],  # per row: an embedding's new rows, say
+        torch.tensor([0.0, 1.0, 3.0]),  # per column
+        torch.tensor([[True, False, True]]),  # a bool mask: 1 where True
+        torch.rand(4, 3),  # every element
+    ],
+    ids=["rows", "columns", "bool", "full"],
+)
+def test_a_grad_scale_mask_scales_each_element_and_the_forward_stays_an_alias(mask: torch.Tensor, device: str) -> None:
+    mask = mask.to(device)
+    t = torch.randn(4, 3, device=device, requires_grad=True)
+    upstream = torch.randn(4, 3, device=device)
+    for entry in (lambda b: bridge(b, mask), lambda b: torch.ops.gradbridge.bridge.Tensor(b, mask), Bridge(grad_scale=mask)):
+        t.grad = None
+        b = t * 1
+        result = entry(b)
+        assert_alias(result, b)
+        (result * upstream).sum().backward()
+        assert torch.equal(t.grad, upstream * mask)
+
+
+def test_a_grad_scale_mask_trains_only_the_rows_it_selects() -> None:
+    embedding = torch.nn.Embedding(5, 2)
+    new_rows = torch.tensor([False, False, False, True, True])
+    ids = torch.tensor([0, 1, 3, 4, 4])
+    torch.nn.functional.embedding(ids, bridge(embedding.weight, new_rows[:, None])).sum().backward()
+    assert embedding.weight.grad[:3].eq(0).all() and embedding.weight.grad[3:].ne(0).all()
 
 
 def test_bridge_keeps_a_grad_scale_tensor_as_a_buffer() -> None:
