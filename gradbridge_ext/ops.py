@@ -541,7 +541,7 @@ def _alias(t: Tensor, *options: Any) -> Tensor:
     return torch.ops.aten.alias.default(t)
 
 
-def _alias_of_q(x: Tensor, q: Tensor, grad_scale: Any) -> Tensor:
+def _alias_of_q(x: Tensor, q: Tensor, grad_scale: Any = 1.0) -> Tensor:
     return torch.ops.aten.alias.default(q)
 
 
