@@ -1,4 +1,4 @@
-"""bridge of a DTensor: the same mesh and placements, the bridge of its local shard.
+"""bridge (and straight_through) of a DTensor: the same mesh and placements, over the local shard.
 
 DTensor runs an operator only if it has a sharding rule for it, and has none for
 ours. bridge moves no data, so its rule is ``aten.detach``'s: the output has the
@@ -8,7 +8,11 @@ the local tensor, so the local result is ``bridge(t.to_local(), grad_scale, atta
 (an alias of the input's shard), and the operator's autograd kernel, which runs
 on the DTensor itself, gives the gradient of each setting.
 
-The rule is registered with ``torch.distributed.tensor.experimental.register_sharding``
+straight_through(x, q) is q's alias, so its rule is the same with q in t's place;
+``x`` is given q's placements (DTensor redistributes an ``x`` placed otherwise), so
+that each rank's backward sends its shard's gradient to the same shard of ``x``.
+
+The rules are registered with ``torch.distributed.tensor.experimental.register_sharding``
 (public, experimental, torch >= 2.5). Importing ``torch.distributed.tensor`` costs
 a quarter of a second to seconds, more than ``import gradbridge_ext`` may add over
 ``import torch``, and only a program that makes DTensors needs the rule; so the
@@ -37,6 +41,25 @@ registered = False
 _lock = threading.Lock()
 
 
+def _option_placement(option: Any, placement: Any, ndim: int) -> Any:
+    """Where an option goes when the aliased input is placed at ``placement``.
+
+    A number or bool has none. A grad_scale tensor is compared with the local
+    shard, so a mask is sharded as the input is along a dimension it spans
+    (broadcasting from the right), and replicated where it broadcasts (size 1,
+    or missing) or the input is not sharded; DTensor moves it if it must.
+    """
+    from torch.distributed.tensor import Replicate, Shard
+
+    if not hasattr(option, "placements"):
+        return None
+    if isinstance(placement, Shard):
+        dim = placement.dim - (ndim - len(option.shape))
+        if dim >= 0 and option.shape[dim] != 1:
+            return Shard(dim)
+    return Replicate()
+
+
 def bridge_sharding(t: Any, *options: Any, **keyword_options: Any) -> list[tuple[list, list]]:
     """The sharding rule for register_sharding: output placements = ``t``'s placements.
 
@@ -44,15 +67,19 @@ def bridge_sharding(t: Any, *options: Any, **keyword_options: Any) -> list[tuple
     so offering each placement ``t`` has, as detach's rule does, includes the
     choice that keeps ``t`` exactly as it is; no other is offered, so DTensor
     never moves ``t``'s data for a bridge. ``t`` is DTensor's spec of the input
-    (it has ``placements``). The options (``grad_scale`` and ``attach``, or
-    ``bridge.Tensor``'s 0-dim ``grad_scale`` tensor) are not sharded: ``None``
-    for a number or bool, ``Replicate()`` for a tensor, which DTensor replicates
-    if it is not already.
+    (it has ``placements``); the options (``grad_scale`` and ``attach``, or
+    ``bridge.Tensor``'s ``grad_scale`` tensor) go where ``_option_placement`` says.
     """
-    from torch.distributed.tensor import Replicate
+    rest = (*options, *keyword_options.values())
+    return [
+        ([placement], [placement, *(_option_placement(o, placement, len(t.shape)) for o in rest)])
+        for placement in dict.fromkeys(t.placements)
+    ]
 
-    rest = [Replicate() if hasattr(o, "placements") else None for o in (*options, *keyword_options.values())]
-    return [([placement], [placement, *rest]) for placement in dict.fromkeys(t.placements)]
+
+def straight_through_sharding(x: Any, q: Any, *options: Any, **keyword_options: Any) -> list[tuple[list, list]]:
+    """straight_through's rule: bridge's for ``q``, with ``x`` placed as ``q`` is."""
+    return [([out], [out, out, *rest]) for (out,), (_, *rest) in bridge_sharding(q, *options, **keyword_options)]
 
 
 def register() -> None:
@@ -74,8 +101,11 @@ def register() -> None:
             )
         else:
             try:
-                packet = torch.ops.gradbridge.bridge
-                register_sharding([getattr(packet, name) for name in packet.overloads()])(bridge_sharding)
+                for packet, rule in (
+                    (torch.ops.gradbridge.bridge, bridge_sharding),
+                    (torch.ops.gradbridge.straight_through, straight_through_sharding),
+                ):
+                    register_sharding([getattr(packet, name) for name in packet.overloads()])(rule)
                 registered = True
             except Exception as error:  # noqa: BLE001
                 skipped = f"register_sharding failed on torch {torch.__version__}: {type(error).__name__}: {error}"

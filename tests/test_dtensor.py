@@ -23,7 +23,7 @@ from torch import nn
 from conftest import WORLD, on_gloo_ranks
 
 import gradbridge_ext._dtensor as dtensor_rule
-from gradbridge_ext import Bridge, BridgeFunction, bridge
+from gradbridge_ext import Bridge, BridgeFunction, bridge, straight_through
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 
@@ -55,7 +55,7 @@ CASES = [
     if entry != "BridgeFunction" or setting == "cut"
     for placement in PLACEMENTS
 ]
-OTHER_CHECKS = ["partial and 2-d mesh", "tensor parallel", "fully_shard"]
+OTHER_CHECKS = ["partial and 2-d mesh", "tensor parallel", "fully_shard", "straight_through", "mask", "fully_shard straight_through"]
 
 
 # --- the ranks ---------------------------------------------------------------------------
@@ -222,6 +222,72 @@ def check_fully_shard(mesh) -> None:
     assert_same(train(sharded(Bridge())), train(sharded(Detach())), "fully_shard, Bridge()")
 
 
+def check_straight_through(mesh) -> None:
+    """q's placements and local alias, x's gradient, for each placement and grad_scale."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    x_full = torch.linspace(-2, 2, 24).reshape(6, 4)
+    for name in PLACEMENTS:
+        for scale in (1.0, -0.5, torch.tensor(2.0)):
+            x = distribute_tensor(x_full, mesh, placements_of(name)).requires_grad_()
+            q = x.detach().round()
+            r = straight_through(x, q, scale)
+            assert isinstance(r, DTensor) and r.placements == q.placements, r
+            assert r.to_local().data_ptr() == q.to_local().data_ptr(), "the local result is not an alias of q's shard"
+            assert r.grad_fn.name() == "StraightThroughBackward", r.grad_fn
+            (r * 3).sum().full_tensor().backward()
+            assert torch.equal(r.full_tensor(), x_full.round())
+            torch.testing.assert_close(x.grad.full_tensor(), torch.full((6, 4), 3.0 * float(scale)))
+
+
+def check_mask(mesh) -> None:
+    """A grad_scale mask on a sharded t: sharded with t where it spans t's dimension, replicated where it broadcasts."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    t_full = torch.randn(6, 4)
+    for name in PLACEMENTS + ["Shard(1)"]:
+        placements = [Shard(1)] if name == "Shard(1)" else placements_of(name)
+        for mask in (torch.arange(6.0)[:, None], torch.tensor([1.0, 0.0, 2.0, 0.0]), torch.rand(6, 4)):
+            t = distribute_tensor(t_full, mesh, placements).requires_grad_()
+            # DTensor takes a plain tensor only 0-dim; the rule shards the replicated mask with t where it must.
+            r = bridge(t * 1, distribute_tensor(mask, mesh, [Replicate()]))
+            assert r.placements == t.placements, (r.placements, t.placements)
+            r.sum().full_tensor().backward()
+            torch.testing.assert_close(t.grad.full_tensor(), mask.expand(6, 4))
+
+
+def check_fully_shard_straight_through(mesh) -> None:
+    """FSDP2 with the STE on a parameter (BitLinear's ternary weights) trains as one process does."""
+    from torch.distributed.fsdp import fully_shard
+
+    class Ternary(nn.Linear):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            scale = self.weight.detach().abs().mean()
+            q = (self.weight.detach() / scale).round().clamp(-1, 1) * scale
+            return F.linear(x, straight_through(self.weight, q), self.bias)
+
+    def train(model: nn.Module) -> list[torch.Tensor]:
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        for step in range(STEPS):
+            torch.manual_seed(step)
+            optimizer.zero_grad()
+            model(torch.randn(4, 8)).pow(2).sum().backward()
+            optimizer.step()
+        return [p.full_tensor() if hasattr(p, "full_tensor") else p.detach() for p in model.parameters()]
+
+    def model() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(Ternary(8, 8), nn.ReLU(), Ternary(8, 2))
+
+    sharded = model()
+    for layer in sharded:
+        if isinstance(layer, Ternary):
+            fully_shard(layer, mesh=mesh)
+    got, expected = train(fully_shard(sharded, mesh=mesh)), train(model())
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e)
+
+
 def run_checks(rank: int) -> dict[str, str | None]:
     from torch.distributed.tensor import init_device_mesh
 
@@ -232,6 +298,9 @@ def run_checks(rank: int) -> dict[str, str | None]:
     checks["partial and 2-d mesh"] = lambda: check_partial_and_2d_mesh(mesh)
     checks["tensor parallel"] = lambda: check_tensor_parallel(mesh)
     checks["fully_shard"] = lambda: check_fully_shard(mesh)
+    checks["straight_through"] = lambda: check_straight_through(mesh)
+    checks["mask"] = lambda: check_mask(mesh)
+    checks["fully_shard straight_through"] = lambda: check_fully_shard_straight_through(mesh)
     results: dict[str, str | None] = {}
     for name, check in checks.items():
         try:
