@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 import gradbridge_ext
-from gradbridge_ext import Bridge, BridgeFunction, bridge
+from gradbridge_ext import Bridge, BridgeFunction, bridge, straight_through
 
 FLOAT8 = [getattr(torch, name) for name in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, name)]
 DTYPES = [
@@ -100,3 +100,16 @@ def layouts(device: str) -> dict[str, torch.Tensor]:
         "expanded": base[:4].view(4, 1).expand(4, 6),
         "channels_last": base.view(1, 4, 4, 4).contiguous(memory_format=torch.channels_last),
     }
+
+
+def ternary(w: Tensor) -> Tensor:
+    """BitNet's weight quantizer: ternary, scaled by mean |w|."""
+    scale = w.abs().mean().clamp(min=1e-5)
+    return (w / scale).round().clamp(-1, 1) * scale
+
+
+class TernaryLinear(nn.Linear):
+    """A Linear that multiplies by its ternary weights, trained through the STE on its parameter (as BitLinear)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return nn.functional.linear(x, straight_through(self.weight, ternary(self.weight.detach())), self.bias)

@@ -13,6 +13,7 @@ from conftest import KEEP_UNTIL_EXIT, WORLD, on_gloo_ranks
 from independent_layers import ABC, loss
 
 from gradbridge_ext import Bridge
+from helpers import TernaryLinear
 
 STEPS = 2  # DDP reports parameters that got no gradient hook at the next step
 
@@ -83,3 +84,33 @@ def test_a_cut_in_mode_1_needs_find_unused_parameters(tmp_path: Path) -> None:
     # gradient hook, which DDP with find_unused_parameters=False reports.
     for result in run_ddp(tmp_path, 1):
         assert "find_unused_parameters" in result.get("error", ""), result
+
+
+def ternary_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(TernaryLinear(4, 8), nn.ReLU(), TernaryLinear(8, 2))
+
+
+def train_ternary(model: nn.Module, shard: slice) -> None:
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for x in batches():
+        opt.zero_grad(set_to_none=True)
+        model(x[shard]).pow(2).mean().backward()
+        opt.step()
+
+
+def ddp_ternary_rank(rank: int) -> dict:
+    model = ternary_model()
+    ddp = DistributedDataParallel(model, find_unused_parameters=False)
+    KEEP_UNTIL_EXIT.append(ddp)
+    train_ternary(ddp, slice(rank * 8 // WORLD, (rank + 1) * 8 // WORLD))
+    return {"state": model.state_dict()}
+
+
+def test_the_straight_through_estimator_on_a_parameter_trains_as_one_process(tmp_path: Path) -> None:
+    # BitLinear's use: the STE's gradient reaches the parameter, so DDP's hooks fire and average it.
+    reference = ternary_model()
+    train_ternary(reference, slice(None))
+    for result in on_gloo_ranks(ddp_ternary_rank, out=tmp_path):
+        for name, expected in reference.state_dict().items():
+            torch.testing.assert_close(result["state"][name], expected, msg=name)

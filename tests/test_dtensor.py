@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import WORLD, on_gloo_ranks
+from helpers import TernaryLinear
 
 import gradbridge_ext._dtensor as dtensor_rule
 from gradbridge_ext import Bridge, BridgeFunction, bridge, straight_through
@@ -260,12 +261,6 @@ def check_fully_shard_straight_through(mesh) -> None:
     """FSDP2 with the STE on a parameter (BitLinear's ternary weights) trains as one process does."""
     from torch.distributed.fsdp import fully_shard
 
-    class Ternary(nn.Linear):
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            scale = self.weight.detach().abs().mean()
-            q = (self.weight.detach() / scale).round().clamp(-1, 1) * scale
-            return F.linear(x, straight_through(self.weight, q), self.bias)
-
     def train(model: nn.Module) -> list[torch.Tensor]:
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
         for step in range(STEPS):
@@ -277,11 +272,11 @@ def check_fully_shard_straight_through(mesh) -> None:
 
     def model() -> nn.Module:
         torch.manual_seed(0)
-        return nn.Sequential(Ternary(8, 8), nn.ReLU(), Ternary(8, 2))
+        return nn.Sequential(TernaryLinear(8, 8), nn.ReLU(), TernaryLinear(8, 2))
 
     sharded = model()
     for layer in sharded:
-        if isinstance(layer, Ternary):
+        if isinstance(layer, TernaryLinear):
             fully_shard(layer, mesh=mesh)
     got, expected = train(fully_shard(sharded, mesh=mesh)), train(model())
     for g, e in zip(got, expected, strict=True):

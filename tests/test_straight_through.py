@@ -12,7 +12,7 @@ from torch import Tensor, nn
 import gradbridge_ext
 from conftest import requires_torch
 from gradbridge_ext import straight_through
-from helpers import assert_alias
+from helpers import TernaryLinear, assert_alias, ternary
 
 FLOATING = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 
@@ -31,12 +31,6 @@ SETTINGS = {
     "tensor grad_scale": (lambda x, q: straight_through(x, q, torch.tensor(0.25)), 0.25),
     "torch.ops tensor": (lambda x, q: torch.ops.gradbridge.straight_through.Tensor(x, q, torch.tensor(3.0)), 3.0),
 }
-
-
-def ternary(w: Tensor) -> Tensor:
-    """BitNet's weight quantizer: ternary, scaled by mean |w|."""
-    scale = w.abs().mean().clamp(min=1e-5)
-    return (w / scale).round().clamp(-1, 1) * scale
 
 
 @pytest.mark.parametrize("dtype", FLOATING)
@@ -201,13 +195,6 @@ def test_a_torch_function_subclass_sees_the_call() -> None:
 # --- the stack
 
 
-class BitLinear(nn.Linear):
-    """A Linear whose forward uses ternary weights, trained through the STE on its parameter."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        return nn.functional.linear(x, straight_through(self.weight, ternary(self.weight.detach())), self.bias)
-
-
 def train(model: nn.Module, forward, steps: int = 4) -> list[Tensor]:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     torch.manual_seed(1)
@@ -244,7 +231,7 @@ def test_compile_fullgraph_matches_eager_and_follows_a_grad_scale_schedule(backe
 @requires_torch("2.5", "torch.compiler.substitute_in_graph, without which straight_through breaks the graph")
 def test_compile_trains_a_bit_linear_as_eager_does() -> None:
     torch.manual_seed(0)
-    eager = nn.Sequential(BitLinear(6, 8), nn.ReLU(), BitLinear(8, 2))
+    eager = nn.Sequential(TernaryLinear(6, 8), nn.ReLU(), TernaryLinear(8, 2))
     compiled = type(eager)(*[type(m)(m.in_features, m.out_features) if hasattr(m, "in_features") else m for m in eager])
     compiled.load_state_dict(eager.state_dict())
     torch._dynamo.reset()
@@ -265,7 +252,7 @@ def test_vmap_and_func_grad() -> None:
 
 
 def test_export_keeps_the_operator_and_decomposes_it_to_q(tmp_path: Path) -> None:
-    model = nn.Sequential(BitLinear(6, 4))
+    model = nn.Sequential(TernaryLinear(6, 4))
     x = torch.randn(3, 6)
     program = torch.export.export(model, (x,))
     assert "gradbridge.straight_through" in str(program.graph)
