@@ -194,6 +194,29 @@ def test_vmap_with_a_grad_scale_tensor() -> None:
         tf.vmap(lambda t, s: bridge(t, s))(x, torch.ones(4))
 
 
+@requires_torch("2.5", "torch.library.register_vmap, bridge's rule for vmap")
+@pytest.mark.parametrize("in_dim", [0, 1, 2])
+def test_vmap_with_a_grad_scale_mask_on_any_batch_dimension(in_dim: int) -> None:
+    x, mask = torch.randn(2, 3, 4), torch.tensor([1.0, 0.0, -2.0, 0.5])  # per column of each sample
+    batched = x.movedim(0, in_dim)
+    assert torch.equal(tf.vmap(lambda t: bridge(t, mask), in_dims=in_dim)(batched), x)
+    per_sample = tf.vmap(tf.grad(lambda xi: bridge(xi, mask).sum()), in_dims=in_dim)(batched)
+    assert torch.equal(per_sample, mask.expand(2, 3, 4))
+
+
+@requires_torch("2.5", "torch.compiler.substitute_in_graph, without which bridge breaks the graph")
+def test_compile_with_a_grad_scale_mask_matches_eager() -> None:
+    mask = torch.tensor([True, False, True])[:, None]
+    x = torch.randn(3, 4, requires_grad=True)
+    f = lambda t: bridge(t * 2, mask).pow(2).sum()  # noqa: E731
+    torch._dynamo.reset()
+    grads = [torch.autograd.grad(g(x), x)[0] for g in (f, torch.compile(f, fullgraph=True, backend="aot_eager"))]
+    torch.testing.assert_close(grads[1], grads[0])
+    assert grads[0][1].eq(0).all() and grads[0][0].ne(0).all()
+    with pytest.raises(ValueError, match="broadcast to the shape"):
+        torch.compile(lambda t: bridge(t, torch.ones(2, 1)), backend="aot_eager")(x)  # a break runs it eagerly
+
+
 @requires_torch("2.5", "torch.compiler.substitute_in_graph, without which bridge breaks the graph")
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 def test_a_tensor_schedule_runs_under_cuda_graphs() -> None:
