@@ -30,14 +30,6 @@ bool skip_next_torch_function() {
   }
 }
 
-// NB: bridge sits on a model's forward path, once per step or per layer, and
-// the cut, bridge(t), must cost no more than `t.data`. So the entry is a bare
-// vectorcall function that handles that one call and nothing else: one
-// positional plain Tensor (or Parameter), no TorchFunctionMode. Exactly then
-// torch's own __torch_function__ check answers no, so there is nothing to
-// defer to. Every other call, options, subclasses, modes and bad arguments,
-// goes to the Python entry `_bridge_with_options` (gradbridge_ext/ops.py),
-// which binds and checks the arguments and calls bridge_parsed.
 // True when torch's __torch_function__ check would answer no for these
 // positional plain Tensors (or Parameters): nothing to defer to.
 bool plain_tensors(PyObject* const* args, Py_ssize_t nargs, PyObject* kwnames) {
@@ -58,6 +50,14 @@ PyObject* hand_off(PyObject* module, PyObject* name, PyObject* const* args, Py_s
   return PyObject_Vectorcall(python_entry.get(), args, nargs, kwnames);
 }
 
+// NB: bridge sits on a model's forward path, once per step or per layer, and
+// the cut, bridge(t), must cost no more than `t.data`. So the entry is a bare
+// vectorcall function that handles that one call and nothing else: one
+// positional plain Tensor (or Parameter), no TorchFunctionMode. Exactly then
+// torch's own __torch_function__ check answers no, so there is nothing to
+// defer to. Every other call, options, subclasses, modes and bad arguments,
+// goes to the Python entry `_bridge_with_options` (gradbridge_ext/ops.py),
+// which binds and checks the arguments and calls bridge_parsed.
 PyObject* bridge_entry(
     PyObject* module, PyObject* const* args, Py_ssize_t nargs, PyObject* kwnames) {
   HANDLE_TH_ERRORS

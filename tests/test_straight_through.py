@@ -305,3 +305,23 @@ def test_opcheck(scale: float | str) -> None:
 def test_the_public_name_is_the_compiled_entry() -> None:
     assert gradbridge_ext.straight_through is gradbridge_ext._C.straight_through
     assert straight_through.__text_signature__ == "(x, q, /, grad_scale=1.0)"
+
+
+def test_the_private_hand_off_refuses_calls_straight_through_would_not_make() -> None:
+    hand_off = gradbridge_ext._C._straight_through_parsed  # what the Python entry calls once it has parsed
+    x = torch.ones(1)
+    for args in [(1, x, 1.0), (x, None, 1.0), (x, x, "1"), (x, x, 1), (x, x)]:
+        with pytest.raises(TypeError, match=r"takes what straight_through\(\) has parsed"):
+            hand_off(*args)
+
+
+# NB: no message may stream a number (see csrc/bridge.cpp, check_options): each that
+# carries one is pinned whole, on CPU and CUDA, so that such a regression crashes here.
+def test_messages_with_shapes_and_devices_are_whole(device: str) -> None:
+    x = torch.ones(2, 3, device=device)
+    with pytest.raises(ValueError, match=r"^gradbridge::straight_through\(x, q\): x and q must have the same shape .* got \[2, 3\] and \[3\]$"):
+        straight_through(x, torch.ones(3, device=device))
+    with pytest.raises(ValueError, match=rf"^gradbridge::straight_through\(x, q\): x and q must be on the same device, got {x.device} and meta$"):
+        straight_through(x, torch.ones(2, 3, device="meta"))
+    with pytest.raises(ValueError, match=r"broadcast to the shape \[2, 3\], got a \[4, 1\] Float tensor$"):
+        straight_through(x, x, torch.ones(4, 1, device=device))
