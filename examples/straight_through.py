@@ -132,6 +132,7 @@ def train(steps: int, dtype: torch.dtype, seed: int) -> dict:
     optimizers = {key: torch.optim.Adam(m.parameters(), lr=3e-3) for key, m in models.items()}
     times: dict[tuple[str, str], list[float]] = {key: [] for key in models}
     final: dict[tuple[str, str], float] = {}
+    last = min(LAST, steps)
     for step in range(steps + 1):  # step 0 warms up and is not timed
         for key, model in models.items():
             start = time.perf_counter()
@@ -139,7 +140,7 @@ def train(steps: int, dtype: torch.dtype, seed: int) -> dict:
             loss.backward()
             optimizers[key].step()
             optimizers[key].zero_grad(set_to_none=True)
-            final[key] = final.get(key, 0.0) + loss.item() / LAST if step > steps - LAST else 0.0
+            final[key] = final.get(key, 0.0) + (loss.item() / last if step > steps - last else 0.0)
             if step:
                 times[key].append(time.perf_counter() - start)
     return {"models": models, "x": x, "final": final, "times": times}
@@ -202,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
                                         f"{ex[('off codebook', d, n)]:.4f}" for n in STES))  # fmt: skip
     print(f"    -> straight_through exactly on the grid in every dtype: {c['a_ours_on_grid']}; "
           f"the trick off it in bf16/fp16: {c['a_trick_off_grid']}")  # fmt: skip
-    print(f"(b) mean loss of the last {LAST} steps, trick vs straight_through: " + ", ".join(
+    print(f"(b) mean loss of the last {min(LAST, args.steps)} steps, trick vs straight_through: " + ", ".join(
         f"{m} {final[(m, 'trick')]:.4f} vs {final[(m, 'straight_through')]:.4f}" for m in ("BitMLP", "VQ")))
     if args.dtype == "float32":
         print(f"    -> within {TOLERANCE:.0%} of the larger + {FLOOR}: {c['b_same_training']}")
