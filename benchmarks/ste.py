@@ -36,7 +36,7 @@ class STEFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(x: Tensor, q: Tensor) -> Tensor:
-        return q.view_as(q)  # a view: returning q itself would make autograd treat it as an input
+        return q.view_as(q)  # a new tensor (a view), as users write it, not q itself
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
