@@ -118,9 +118,9 @@ def straight_through_bars(device: str, results: dict) -> list[dict]:
                "and within 1.5x of bridge(t, -1.0)",
         "measured": f"{format_size(large)}/{format_size(small)} "
                     f"{paired_ratio(ns[(large, 'straight_through')], ns[(small, 'straight_through')]):.2f} "
-                    f"[{flat[0]:.2f}, {flat[1]:.2f}]; to bridge(t, -1.0) "
+                    f"[{flat[0]:.2f}, {flat[1]:.2f}] (95% interval); to bridge(t, -1.0) "
                     + ", ".join(f"{paired_ratio(ns[(s, 'straight_through')], ns[(s, 'bridge(t, -1.0)')]):.2f}"
-                                for s in sizes) + " (95% intervals, sizes ascending)",
+                                for s in sizes) + " (sizes ascending; decided on their 95% intervals)",
         "holds": None if quick else all_of([decide(*flat, 0.9, 1.1)] + [decide(*i, 0, 1.5) for i in to_ref.values()]),
     })  # fmt: skip
     steps = {(r["dtype"], r["method"]): r["step_ms_samples"] for r in ste["step"]}
