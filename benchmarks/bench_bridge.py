@@ -33,11 +33,12 @@ from measure import (
 )  # fmt: skip
 from progress import Progress, duration
 from report import check_bars, report
+from ste import DTYPES as STE_DTYPES, bench_straight_through
 from training import CUTS, MODES, bench_training, step_seconds
 
 RESULTS = Path(__file__).resolve().parent / "results"  # committed: what the README shows
 LOCAL = RESULTS / "local"  # ignored by git: where a run writes unless told otherwise
-SECTIONS = ("latency", "memory", "training", "attached")
+SECTIONS = ("latency", "memory", "training", "attached", "straight_through")
 SIZES = {
     "cpu": "4B,64B,1KB,16KB,256KB,4MB,64MB,256MB",
     "cuda": "4B,64B,1KB,16KB,256KB,4MB,64MB,256MB,1GB",
@@ -117,7 +118,7 @@ def estimate(device: str, sizes: list[int], config: Config, sections: list[str])
     """Roughly how many seconds each section will take; see NOTE [the estimate]."""
     with torch.random.fork_rng(devices=[torch.cuda.current_device()] if device == "cuda" else []):
         per_byte = fill_seconds_per_byte(device)
-        step_s = step_seconds(device, config) if "training" in sections else 0.0
+        step_s = step_seconds(device, config) if {"training", "straight_through"} & set(sections) else 0.0
     block = BLOCK * config.block_s
     ends = sizes[0] + sizes[-1]  # the attached forms' sizes
     timers = 2 * len(sizes) * len(METHODS)  # requires grad and not
@@ -131,6 +132,11 @@ def estimate(device: str, sizes: list[int], config: Config, sections: list[str])
         "training": 0.85 * len(MODES) * len(CUTS) * (config.train_steps + 2) * step_s,
         "attached": config.repeats * ATTACHED_LAYERS * (4 * block + BACKWARD_FILLS * ends * per_byte)
                     + ATTACHED_LAYERS * 4 * 2 * config.block_s + INPUT_FILLS * ends * per_byte,
+        # Unmeasured guesses: the trick's two fills, twice a block per spelling, each input made
+        # twice; a BitLinear step as about 3 of the probed steps (bf16 on CPU is slower still).
+        "straight_through": config.repeats * sum(5 * block + 2 * 2 * nbytes * per_byte for nbytes in sizes)
+                            + 2 * INPUT_FILLS * sum(sizes) * per_byte
+                            + len(STE_DTYPES) * 2 * (config.train_steps + 2) * 3 * step_s,
     }  # fmt: skip
     return {section: seconds[section] for section in sections}
 
@@ -146,6 +152,7 @@ def run_device(device: str, args: argparse.Namespace, sections: list[str], progr
         "memory": lambda: bench_memory(device, sizes, progress.step),
         "training": lambda: bench_training(device, config, progress.step),
         "attached": lambda: bench_attached(device, sizes, config, progress.step, progress.note),
+        "straight_through": lambda: bench_straight_through(device, sizes, config, progress.step, progress.note),
     }
     for section in sections:
         progress.begin(f"{device} {section}")

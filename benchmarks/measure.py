@@ -269,6 +269,26 @@ def cuda_allocations(fn: Callable[[], Tensor]) -> tuple[int, int]:
     return allocated, peak
 
 
+def call_cost(fn: Callable[[], object], device: str) -> dict:
+    """One call of fn: bytes allocated, peak, ops dispatched, CUDA kernels (call fn once before)."""
+    row: dict = {}
+    if device == "cuda":
+        row["allocated_bytes"], row["peak_bytes"] = cuda_allocations(fn)
+        row["memory_source"] = "CUDA caching allocator stats"
+    events = profiled(fn, device)
+    if device == "cpu":
+        row["allocated_bytes"], row["peak_bytes"] = cpu_allocations(events)
+        row["memory_source"] = "torch.profiler memory events: tensor storage from the CPU allocator"
+    # Operators are namespaced (aten::zeros_like); the profiler's other
+    # CPU events (CUDA runtime calls, its own buffers) are not.
+    ops = [e for e in events if e.device_type == torch.autograd.DeviceType.CPU and "::" in e.name]
+    row["top_level_ops"] = [e.name for e in ops if e.cpu_parent is None]
+    row["ops"] = len(ops)
+    if device == "cuda":
+        row["kernels"] = sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+    return row
+
+
 def bench_memory(device: str, sizes: list[int], step: Step) -> list[dict]:
     """One call per (size, method): bytes allocated, peak, ops dispatched, CUDA kernels."""
     rows = []
@@ -277,27 +297,7 @@ def bench_memory(device: str, sizes: list[int], step: Step) -> list[dict]:
         for name in METHODS:
             fn = as_function(METHODS[name])
             fn(t)  # warm-up, so no first-call allocation lands in the measurement
-            row = {"size_bytes": nbytes, "method": name}
-            if device == "cuda":
-                row["allocated_bytes"], row["peak_bytes"] = cuda_allocations(lambda: fn(t))
-                row["memory_source"] = "CUDA caching allocator stats"
-            events = profiled(lambda: fn(t), device)
-            if device == "cpu":
-                row["allocated_bytes"], row["peak_bytes"] = cpu_allocations(events)
-                row["memory_source"] = (
-                    "torch.profiler memory events: tensor storage from the CPU allocator"
-                )
-            # Operators are namespaced (aten::zeros_like); the profiler's other
-            # CPU events (CUDA runtime calls, its own buffers) are not.
-            ops = [e for e in events if e.device_type == torch.autograd.DeviceType.CPU
-                   and "::" in e.name]  # fmt: skip
-            row["top_level_ops"] = [e.name for e in ops if e.cpu_parent is None]
-            row["ops"] = len(ops)
-            if device == "cuda":
-                row["kernels"] = sum(
-                    1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA
-                )
-            rows.append(row)
+            rows.append({"size_bytes": nbytes, "method": name, **call_cost(lambda: fn(t), device)})
         del t
         step(i + 1, len(sizes))
     return rows

@@ -81,7 +81,90 @@ def check_bars(device: str, results: dict) -> list[dict]:
                         + ", ".join(f"{v:.3f}" for v in peaks) + " (modes 0, 1, 2)",
             "holds": False if False in verdicts else None if None in verdicts else True,
         })  # fmt: skip
+    bars += straight_through_bars(device, results)
     return bars
+
+
+def decide(low: float, high: float, lo_edge: float, hi_edge: float) -> bool | None:
+    """Whether a ratio's 95% interval lies inside [lo_edge, hi_edge] (True), outside (False), or spans an edge."""
+    return True if lo_edge <= low and high <= hi_edge else False if high < lo_edge or low > hi_edge else None
+
+
+def all_of(verdicts: list[bool | None]) -> bool | None:
+    return False if False in verdicts else None if None in verdicts else True
+
+
+def straight_through_bars(device: str, results: dict) -> list[dict]:
+    """straight_through's bars: no work in forward, flat and as cheap as bridge(t, -1.0), a faster step."""
+    ste = results.get("straight_through")
+    if not ste:
+        return []
+    quick, bars = results.get("quick", False), []
+    ours = [r for r in ste["forward"] if r["method"] == "straight_through"]
+    allocated, kernels = max(r["allocated_bytes"] for r in ours), max(r.get("kernels", 0) for r in ours)
+    bars.append({
+        "bar": "straight_through forward allocates 0 bytes and launches 0 kernels",
+        "measured": f"max {allocated} B allocated"
+                    + (f", max {kernels} kernels" if device == "cuda" else ", (no kernels on CPU)"),
+        "holds": allocated == 0 and kernels == 0,
+    })  # fmt: skip
+    ns = {(r["size_bytes"], r["method"]): r["samples_ns"] for r in ste["per_call"]}
+    sizes = sorted({r["size_bytes"] for r in ste["per_call"]})
+    small, large = sizes[0], sizes[-1]
+    flat = ratio_interval(ns[(large, "straight_through")], ns[(small, "straight_through")])
+    to_ref = {s: ratio_interval(ns[(s, "straight_through")], ns[(s, "bridge(t, -1.0)")]) for s in sizes}
+    bars.append({
+        "bar": "straight_through per call flat in size (largest/smallest within 0.9-1.1) "
+               "and within 1.5x of bridge(t, -1.0)",
+        "measured": f"{format_size(large)}/{format_size(small)} "
+                    f"{paired_ratio(ns[(large, 'straight_through')], ns[(small, 'straight_through')]):.2f} "
+                    f"[{flat[0]:.2f}, {flat[1]:.2f}] (95% interval); to bridge(t, -1.0) "
+                    + ", ".join(f"{paired_ratio(ns[(s, 'straight_through')], ns[(s, 'bridge(t, -1.0)')]):.2f}"
+                                for s in sizes) + " (sizes ascending; decided on their 95% intervals)",
+        "holds": None if quick else all_of([decide(*flat, 0.9, 1.1)] + [decide(*i, 0, 1.5) for i in to_ref.values()]),
+    })  # fmt: skip
+    steps = {(r["dtype"], r["method"]): r["step_ms_samples"] for r in ste["step"]}
+    dtypes = list(dict.fromkeys(r["dtype"] for r in ste["step"]))
+    intervals = {d: ratio_interval(steps[(d, "straight_through")], steps[(d, "trick")]) for d in dtypes}
+    bars.append({
+        "bar": "straight_through training step faster than the trick's, " + " and ".join(dtypes),
+        "measured": ", ".join(f"{d} {paired_ratio(steps[(d, 'straight_through')], steps[(d, 'trick')]):.3f} "
+                              f"[{lo:.3f}, {hi:.3f}]" for d, (lo, hi) in intervals.items()) + " (95% interval)",
+        # Faster only where noise cannot carry the ratio up to 1.
+        "holds": None if quick else all_of([decide(lo, hi, 0, 1 - 1e-9) for lo, hi in intervals.values()]),
+    })  # fmt: skip
+    return bars
+
+
+def straight_through_tables(results: dict) -> list[str]:
+    ste, cuda = results["straight_through"], results["environment"]["device"] == "cuda"
+    sizes = sorted({r["size_bytes"] for r in ste["per_call"]})
+    names = list(dict.fromkeys(r["method"] for r in ste["per_call"]))
+    by = {(r["size_bytes"], r["method"]): r for r in ste["per_call"]}
+    cfg = results["config"]
+    exact = {(r["quantizer"], r["dtype"], r["method"]): r["share_differ"] for r in ste["exactness"]}
+    quantizers = list(dict.fromkeys(r["quantizer"] for r in ste["exactness"]))
+    dtypes = list(dict.fromkeys(r["dtype"] for r in ste["exactness"]))
+    return [
+        "\n### Straight-through per call, x requires grad (median, and ratio to bridge(t, -1.0))\n",
+        PER_REPEAT.format("bridge(t, -1.0)") + "\n",
+        table(["size", *names], [[format_size(s)] + [
+            f"{format_ns(by[(s, m)]['median_ns'])} ({by[(s, m)]['ratio_to_bridge']:.2f})" for m in names] for s in sizes]),
+        "\n### Straight-through forward, one call (" + ste["forward"][0]["memory_source"] + ")\n",
+        table(["size", "method", "bytes allocated", "peak bytes", "ops (profiler)"] + (["CUDA kernels"] if cuda else []),
+              [[format_size(r["size_bytes"]), r["method"], str(r["allocated_bytes"]), str(r["peak_bytes"]), str(r["ops"])]
+               + ([str(r["kernels"])] if cuda else []) for r in ste["forward"]]),
+        f"\n### BitNet-style MLP training step ({cfg['depth']} BitLinear layers of {cfg['width']}, batch "
+        f"{cfg['batch']}, {cfg['train_steps']} steps; median, and ratio to the trick)\n",
+        PER_STEP.replace("detach", "the trick") + "\n",
+        table(["dtype", "method", "step time", "peak memory", "final loss"],
+              [[r["dtype"], r["method"], f"{r['step_ms_median']:.2f} ms ({r['ratio_to_trick']:.3f})",
+                f"{r['peak_bytes'] / 2**20:.1f} MiB ({r['peak_ratio_to_trick']:.3f})", f"{r['final_loss']:.6f}"]
+               for r in ste["step"]]),
+        "\n### Straight-through exactness: share of the result's elements that differ from q (trick / ours)\n",
+        table(["quantizer", *dtypes], [[k] + [f"{exact[(k, d, 'trick')]:.4f} / {exact[(k, d, 'straight_through')]:.4f}"
+                                              for d in dtypes] for k in quantizers]),
+    ]  # fmt: skip
 
 
 def table(header: list[str], rows: list[list[str]]) -> str:
@@ -96,7 +179,8 @@ def verdict(holds: bool | None, quick: bool) -> str:
 
 def bars_table(results: dict) -> str:
     return table(
-        ["bar for bridge", "measured", "holds"],
+        # "for bridge" while every bar is bridge's (the README's tables); "bar" once straight_through's join.
+        ["bar" if results.get("straight_through") else "bar for bridge", "measured", "holds"],
         [[b["bar"], b["measured"], verdict(b["holds"], results.get("quick", False))]
          for b in results["bars"]],
     )  # fmt: skip
@@ -193,9 +277,11 @@ def report(results: dict) -> str:
             PER_REPEAT.format("bridge(t, -1.0)") + "\n",
             attached_table(results),
         ]
+    if results.get("straight_through"):
+        parts += straight_through_tables(results)
     if results.get("bars"):
         quick = " (a --quick run: too few repeats to decide the timed ones)" if results.get("quick") else ""
-        parts += [f"\n### Bars for bridge{quick}\n", bars_table(results)]
+        parts += [f"\n### Bars{quick}\n", bars_table(results)]
     return "\n".join(parts)
 
 

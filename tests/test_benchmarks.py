@@ -50,7 +50,7 @@ def test_quick_run_covers_every_method_size_and_mode(quick_run: dict) -> None:
     }
     assert [b["bar"] for b in quick_run["bars"]] and "errors" not in quick_run
     # A --quick run decides what it counts (bytes), not what it times.
-    assert [b["holds"] for b in quick_run["bars"]] == [None, None, True, None]
+    assert [b["holds"] for b in quick_run["bars"]] == [None, None, True, None, True, None, None]
     assert quick_run["environment"]["torch"]
 
 
@@ -60,6 +60,24 @@ def test_memory_shows_the_copy_of_the_set_trick_and_none_for_the_aliases(quick_r
             assert r["allocated_bytes"] == r["size_bytes"]
         else:
             assert r["allocated_bytes"] == 0, r
+
+
+def test_straight_through_section_is_exact_and_allocates_nothing(quick_run: dict) -> None:
+    ste = quick_run["straight_through"]
+    names = {"trick", "autograd.Function", "straight_through", "bridge(t, -1.0)"}
+    assert names <= {r["method"] for r in ste["per_call"]}
+    assert {r["size_bytes"] for r in ste["per_call"]} == {4, 65536}
+    for r in ste["forward"]:
+        if r["method"] in ("trick", "vector-quantize-pytorch"):  # q - x, then x + that
+            assert r["allocated_bytes"] == 2 * r["size_bytes"], r
+        elif r["method"] == "straight_through":
+            assert r["allocated_bytes"] == 0, r
+    assert {(r["dtype"], r["method"]) for r in ste["step"]} == {
+        (d, m) for d in ("float32", "bfloat16") for m in ("trick", "straight_through")
+    }
+    exact = {(r["quantizer"], r["dtype"], r["method"]): r["share_differ"] for r in ste["exactness"]}
+    assert all(v == 0 for (_, _, m), v in exact.items() if m == "straight_through")
+    assert exact[("VQ lookup", "bfloat16", "trick")] > 0  # what the table is there to show
 
 
 def test_every_cut_trains_the_same_model(quick_run: dict) -> None:
