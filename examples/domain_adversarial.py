@@ -107,9 +107,8 @@ class Moons:
             xt.append(2 * (target - centre) @ rotation.T)
             ys.append(source_labels)
             yt.append(target_labels)
-        points = lambda a: torch.tensor(np.stack(a), dtype=torch.float32)  # noqa: E731
-        labels = lambda a: torch.tensor(np.stack(a))  # noqa: E731
-        return cls(points(xs), labels(ys), points(xt), labels(yt))
+        xs, ys, xt, yt = (torch.from_numpy(np.stack(a)) for a in (xs, ys, xt, yt))
+        return cls(xs.float(), ys, xt.float(), yt)
 
 
 # ---------------------------------------------------------------------------- model
@@ -279,7 +278,7 @@ def _summary(name: str, acc: Tensor) -> str:
 
 
 def plot(dann: Result, control: Result, data: Moons, path: str, seed: int = 0) -> None:
-    """Both decision boundaries of one seed over its source and target points, as the paper's figure 2."""
+    """Both decision boundaries of one seed over its source and target points, as the paper's figure does."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -291,7 +290,8 @@ def plot(dann: Result, control: Result, data: Moons, path: str, seed: int = 0) -
     gx, gy = torch.meshgrid(torch.linspace(lo[0], hi[0], 300), torch.linspace(lo[1], hi[1], 300), indexing="xy")
     grid = torch.stack((gx.flatten(), gy.flatten()), dim=1)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.4), sharey=True)
-    for ax, (title, result) in zip(axes, (("standard NN (grad_scale 0)", control), (f"DANN (grad_scale -{LAMBDA:g})", dann))):
+    titles = ("standard NN (grad_scale 0)", f"DANN (grad_scale -lambda, 0 to -{LAMBDA:g})")
+    for ax, title, result in zip(axes, titles, (control, dann)):
         model = result.model
         with torch.no_grad():
             inputs = grid.expand(model.W.shape[0], -1, -1)

@@ -204,8 +204,8 @@ def main() -> int:
     for k in range(0, len(alone.steps), 5):
         row = "".join(f"{run.b_acc[k]:14.3f}" for run in runs.values())
         print(f"{alone.steps[k]:6d}{row}{runs['bridge'].c_acc[k]:14.3f}{runs['no cut'].c_acc[k]:14.3f}")
-    alone, free = runs["B alone"].b_state, runs["no cut"].b_state
-    moved = sum((free[n] - alone[n]).norm() ** 2 for n in alone) ** 0.5 / sum(p.norm() ** 2 for p in alone.values()) ** 0.5
+    flat = {cut: torch.cat([p.flatten() for p in runs[cut].b_state.values()]) for cut in ("B alone", "no cut")}
+    moved = (flat["no cut"] - flat["B alone"]).norm() / flat["B alone"].norm()
     print(f"\nwith no cut, B's parameters end {moved:.1%} (relative L2 distance) from B alone's")
     if args.plot:
         plot(runs, args.plot)
