@@ -316,6 +316,11 @@ def time_step(name: str, *, steps: int = 200, compile: bool = False) -> float:
     layer = reversals()[name]()
     data = Moons.make(SEEDS)
     model = ShallowDANN(SEEDS, layer)
+    if compile:
+        # NB: each layer from a clean slate. Graphs compiled for other layers or shapes stay
+        # cached on the same forward and count against dynamo's recompile limit; after a
+        # shape change we saw the float lambda specialized again, a recompile per value.
+        torch._dynamo.reset()
     forward = torch.compile(model, fullgraph=True) if compile else model
     optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
 
