@@ -19,12 +19,14 @@ Settings, and where they come from:
 - from the paper, section 5.1.1: two inter-twinning moons, 150 labelled source points per
   class, 300 unlabelled target points, the target rotated by 35 degrees; one hidden layer
   of 15 units; the shallow network of Algorithm 1 (section 4.1): sigmoid hidden units, a
-  softmax label output, a logistic domain regressor, final lambda 6.
+  softmax label output, a logistic domain regressor.
 - from the authors' code (github.com/GRAAL-Research/domain_adversarial_neural_network,
   ``experiments_moons.py``, ``DANN.py``), where we are not sure the paper states them:
-  moons noise 0.05, points centred on the source mean and scaled by 2, the rotation about
-  that centre, Glorot-uniform weights with zero biases and a zero domain regressor, the
-  target accuracy measured on the 300 target points trained on.
+  lambda 6 (fixed), learning rate 0.05, 500 epochs, moons noise 0.05, points centred on
+  the source mean and scaled by 2, the rotation about that centre, Glorot-uniform weights
+  with zero biases and a zero domain regressor, the target accuracy measured on the 300
+  target points trained on. (The code draws 150 source points in all; we draw the
+  paper's 300.)
 - from section 5.2 (the paper's deep experiments, not this toy): lambda rises as
   ``2 / (1 + exp(-10 p)) - 1`` of its final value over training progress ``p``, the
   learning rate falls as ``1 / (1 + 10 p) ** 0.75`` of its first value, and the reversal
@@ -32,13 +34,13 @@ Settings, and where they come from:
   is not weighted, where Algorithm 1 weights it by lambda too).
 - our choices, and why: full-batch SGD, momentum 0.9, learning rate 0.5, 3000 steps, where
   Algorithm 1 takes a step of 0.05 after every source example (paired with a random target
-  example), fixed lambda 6, for 500 epochs (the code's). That is 150,000 sequential steps,
+  example), with a fixed lambda of 6, for 500 epochs. That is 150,000 sequential steps,
   minutes at this machine's ~3 ms per eager step; cut to 30 epochs it had not converged
   (target 0.73-0.86 over 5 seeds). Full-batch and mini-batch SGD with a fixed lambda of 6
   collapsed on every seed (the hidden layer saturates, source accuracy 0.5); section 5.2's
   schedule, which starts lambda at 0, is what keeps it stable. Seeds 0-4, each with its
   own data (sklearn's ``make_moons``, random states ``2 s + 1`` and ``2 s + 2``; seed 0
-  gives the code's) and its own initial weights. The seeds train side by side as one
+  uses the code's) and its own initial weights. The seeds train side by side as one
   batched network (batched matmuls keep each seed's weights, data and gradients apart).
 
 The adversarial game does not settle the way plain training does: a seed's final target
