@@ -3,7 +3,7 @@
 PYTHON ?= python3
 TORCH_VERSION := $(shell $(PYTHON) -c "import torch; print(torch.__version__)" 2>/dev/null)
 STAMP = .make/installed-torch-$(TORCH_VERSION)
-TEST_DEPS = "setuptools>=77" ninja pytest hypothesis numpy pytorch-revgrad torch-gradient-reversal onnx onnxscript onnxruntime
+TEST_DEPS = "setuptools>=77" ninja pytest hypothesis numpy scikit-learn pytorch-revgrad torch-gradient-reversal onnx onnxscript onnxruntime
 
 .PHONY: setup test example bench bench-results
 
