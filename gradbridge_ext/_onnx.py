@@ -1,0 +1,39 @@
+"""bridge in the TorchScript-based ONNX exporter, ``torch.onnx.export(..., dynamo=False)``.
+
+That exporter (torch's default before 2.5) translates each node of a traced graph
+with a "symbolic" function registered under the op's name, and fails on a custom
+op without one ("unrecognized namespace gradbridge::bridge"). The dynamo exporter
+needs nothing from here: it decomposes bridge to an alias, which vanishes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._import_hooks import when_imported
+
+# Each op whose value is one of its inputs, and which input (its position in the
+# schema). In a traced graph all overloads of an op share one name, so they share
+# the entry. Another such op is one more line.
+IDENTITY_OF_INPUT = {
+    "gradbridge::bridge": 0,
+}
+# The lookup finds a symbolic registered at opset 9 from every opset the exporter
+# writes (7 and up).
+_OPSET = 9
+
+
+def _identity_of(index: int):
+    def symbolic(g, *inputs):
+        return g.op("Identity", inputs[index])
+
+    return symbolic
+
+
+def _register() -> None:
+    for name, index in IDENTITY_OF_INPUT.items():
+        torch.onnx.register_custom_op_symbolic(name, _identity_of(index), _OPSET)
+
+
+# torch.onnx costs a second to import; register once someone imports it.
+when_imported("torch.onnx", _register)
