@@ -31,8 +31,13 @@ def _identity_of(index: int):
 
 
 def _register() -> None:
+    # The TorchScript-based exporter is deprecated (no longer the default since
+    # torch 2.9): a torch without it must still import torch.onnx, which runs this.
+    register = getattr(torch.onnx, "register_custom_op_symbolic", None)
+    if register is None:
+        return
     for name, index in IDENTITY_OF_INPUT.items():
-        torch.onnx.register_custom_op_symbolic(name, _identity_of(index), _OPSET)
+        register(name, _identity_of(index), _OPSET)
 
 
 # torch.onnx costs a second to import; register once someone imports it.
