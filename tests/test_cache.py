@@ -155,7 +155,7 @@ def test_a_folder_another_user_could_have_written_is_never_loaded(
 def test_an_unwritable_cache_names_the_setting_and_the_fix(setting: str, site: Path, tmp_path: Path) -> None:
     not_a_folder = tmp_path / "a file"
     not_a_folder.touch()  # root may write anywhere, but not inside a file
-    env = {"XDG_CACHE_HOME": str(not_a_folder), _extension.CACHE_ENV: ""}
+    env = {"HOME": str(not_a_folder), "XDG_CACHE_HOME": str(not_a_folder), _extension.CACHE_ENV: ""}
     if setting == _extension.CACHE_ENV:
         env[_extension.CACHE_ENV] = str(not_a_folder / "cache")
     status, _, err = import_once(site, **env)
