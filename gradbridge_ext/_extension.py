@@ -7,16 +7,28 @@ sources shipped in the package are compiled once against the running torch and
 cached under a key of what determines the binary: the sources' contents, the
 flags, torch's version and Python's. Where the sources sit does not matter, so
 a second checkout or an install of the same sources loads the cached binary.
+
+The cache survives crashes and other users (docs/install.md): a build runs in a
+private folder, published by an atomic rename, while holding an flock the kernel
+drops if the builder dies; a binary is loaded only if its size and hash match what
+its build recorded and only this user could have written it.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import importlib
 import importlib.util
 import os
+import shutil
+import stat
 import sys
+import tempfile
+import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
 
@@ -32,6 +44,11 @@ CXX_FLAGS = ["-O3", "-DNDEBUG", "-g0"]
 # The torch releases CI tests (.ci/matrix, oldest and newest); the oldest is
 # pyproject.toml's floor.
 TESTED_TORCH = ("2.1", "2.15")
+# What a build recorded about its binary (size and SHA-256), checked before loading.
+RECORD = "_C.so.sha256"
+# How long an import waits for another process's build of the same folder: a
+# cold build takes under a minute, several on a loaded machine.
+BUILD_WAIT_S = 600.0
 
 
 def _minor(version: str) -> tuple[int, ...]:
@@ -79,12 +96,24 @@ def sources() -> list[Path]:
     return []
 
 
+def _cache_root_and_setting() -> tuple[Path, str]:
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]), f"${CACHE_ENV}"
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    if os.path.isabs(xdg):  # the XDG spec ignores a relative path
+        return Path(xdg) / "gradbridge_ext", "$XDG_CACHE_HOME"
+    return Path.home() / ".cache" / "gradbridge_ext", f"default (neither ${CACHE_ENV} nor $XDG_CACHE_HOME is set)"
+
+
 def cache_root() -> Path:
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "gradbridge_ext")
+    """$GRADBRIDGE_EXT_CACHE, else $XDG_CACHE_HOME/gradbridge_ext, else ~/.cache/gradbridge_ext."""
+    return _cache_root_and_setting()[0]
 
 
 def _prefix() -> str:
-    return f"torch-{torch.__version__}-py{sys.version_info.major}{sys.version_info.minor}-"
+    # The uid: users sharing a cache root each build their own, since each
+    # trusts only what they wrote.
+    return f"torch-{torch.__version__}-py{sys.version_info.major}{sys.version_info.minor}-uid{os.getuid()}-"
 
 
 def cache_dir(files: list[Path]) -> Path:
@@ -116,6 +145,132 @@ def _import_binary(binary: Path) -> ModuleType:
     return module
 
 
+def _cache_error(what: str, path: Path, error: OSError) -> ImportError:
+    root, setting = _cache_root_and_setting()
+    return ImportError(
+        f"gradbridge_ext: cannot {what} {path} ({error.strerror or error}) for the operator's compile "
+        f"cache {root}, chosen by {setting}. Set {CACHE_ENV} to a folder you can write."
+    )
+
+
+def _untrusted(path: Path) -> str | None:
+    """Why another user may have written ``path``, or None: ssh's rule for its keys."""
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode):
+        return "is a symbolic link"
+    if st.st_uid != os.getuid():
+        return f"is owned by uid {st.st_uid}, not by you (uid {os.getuid()})"
+    if st.st_mode & 0o022:
+        return f"is writable by others (mode {stat.S_IMODE(st.st_mode):o})"
+    return None
+
+
+def _record(binary: Path) -> str:
+    data = binary.read_bytes()
+    return f"{len(data)} {hashlib.sha256(data).hexdigest()}\n"
+
+
+def _verified_binary(build_dir: Path) -> Path | None:
+    """The folder's binary if it is whole and only this user could have written it; None if it
+    needs building (none yet, or one cut short); ImportError if someone else may have planted it."""
+    binary, record = build_dir / "_C.so", build_dir / RECORD
+    for path in (build_dir, binary, record):
+        why = _untrusted(path) if os.path.lexists(path) else None
+        if why:
+            raise ImportError(
+                f"gradbridge_ext: refusing to load the cached operator in {build_dir}: {path} {why}, so "
+                f"another user may have written it. Delete that folder if you can (it is rebuilt), or set "
+                f"{CACHE_ENV} to a folder only you can write."
+            )
+    try:
+        # NB: checked by path, then loaded by path: a cache root that others can
+        # write (without the sticky bit) leaves a window to swap the folder.
+        return binary if record.read_text() == _record(binary) else None
+    except OSError:  # none yet; the build says why if it cannot write there either
+        return None
+
+
+def _try_flock(fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+
+
+@contextmanager
+def _build_lock(build_dir: Path) -> Iterator[None]:
+    """Hold the build's flock: unlike a lock file's existence, the kernel drops it when its holder dies."""
+    path = build_dir.with_name(build_dir.name + ".lock")
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    except OSError as error:
+        raise _cache_error("create the lock file", path, error) from error
+    try:
+        if not _try_flock(fd):
+            holder = os.pread(fd, 32, 0).decode(errors="replace") or "another process"
+            print(f"gradbridge_ext: waiting for {holder}, which is building the operator in {build_dir}...",
+                  file=sys.stderr, flush=True)  # fmt: skip
+            deadline = time.monotonic() + BUILD_WAIT_S
+            while not _try_flock(fd):
+                if time.monotonic() > deadline:
+                    raise ImportError(
+                        f"gradbridge_ext: gave up after {BUILD_WAIT_S:.0f} s waiting for {holder}, which is "
+                        f"building the operator in {build_dir} and holds the lock {path}. If that process is "
+                        f"stuck, end it (the lock goes with it) and import again, or set {CACHE_ENV} to "
+                        "another folder."
+                    )
+                time.sleep(0.5)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"process {os.getpid()}".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # and with it the flock
+
+
+def _build(build_dir: Path, files: list[Path], why: str, reason: str) -> None:
+    """Compile into a private folder, then publish it under ``build_dir`` with one rename."""
+    print(
+        f"gradbridge_ext: the native operator {why}; compiling it for torch {torch.__version__} "
+        f"({reason}; once, under a minute; cached in {build_dir})...",
+        file=sys.stderr,
+        flush=True,
+    )
+    for stale in build_dir.parent.glob(build_dir.name + ".tmp-*"):  # a killed build's, under our lock
+        shutil.rmtree(stale, ignore_errors=True)
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=build_dir.name + ".tmp-", dir=build_dir.parent))  # mode 0700
+    except OSError as error:
+        raise _cache_error("create a build folder in", build_dir.parent, error) from error
+    from torch.utils import cpp_extension
+
+    try:
+        # is_python_module=False: build and load the library only; the
+        # module is imported below by path, under its package's name.
+        cpp_extension.load(
+            name="_C",
+            sources=[str(path) for path in files if path.suffix == ".cpp"],
+            build_directory=str(staging),
+            extra_cflags=CXX_FLAGS,
+            is_python_module=False,
+            verbose=False,
+        )
+        (staging / RECORD).write_text(_record(staging / "_C.so"))
+        for name, mode in (("_C.so", 0o700), (RECORD, 0o600)):  # whatever the umask, or we would refuse them
+            (staging / name).chmod(mode)
+        if build_dir.exists():  # a damaged build of ours, which nobody can be using: we hold the lock
+            shutil.rmtree(build_dir)
+        # NB: the library is already loaded from staging; the rename keeps its inode,
+        # so importing it from build_dir finds that same library (the dynamic
+        # loader matches files by device and inode), not a second copy.
+        os.rename(staging, build_dir)
+    except Exception as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise ImportError(
+            f"gradbridge_ext: the native operator {why}, and compiling it failed: {error}\n{_FIX}"
+        ) from error
+
+
 def _load_cached_or_compile(why: str) -> ModuleType:
     files = sources()
     if not files:
@@ -124,30 +279,18 @@ def _load_cached_or_compile(why: str) -> ModuleType:
             f"{PACKAGE_DIR / 'csrc'}. {_FIX}"
         )
     build_dir = cache_dir(files)
-    binary = build_dir / "_C.so"
-    if not binary.exists():
-        print(
-            f"gradbridge_ext: the native operator {why}; compiling it for torch {torch.__version__} "
-            f"({_why_compile_now()}; once, under a minute; cached in {build_dir})...",
-            file=sys.stderr,
-            flush=True,
-        )
-        build_dir.mkdir(parents=True, exist_ok=True)
-        from torch.utils import cpp_extension
-
+    binary = _verified_binary(build_dir)
+    if binary is None:
         try:
-            # is_python_module=False: build and load the library only; the
-            # module is imported below by path, under its package's name.
-            cpp_extension.load(
-                name="_C",
-                sources=[str(path) for path in files if path.suffix == ".cpp"],
-                build_directory=str(build_dir),
-                extra_cflags=CXX_FLAGS,
-                is_python_module=False,
-                verbose=False,
-            )
-        except Exception as error:
-            raise ImportError(
-                f"gradbridge_ext: the native operator {why}, and compiling it failed: {error}\n{_FIX}"
-            ) from error
+            build_dir.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as error:
+            raise _cache_error("create", build_dir.parent, error) from error
+        with _build_lock(build_dir):
+            binary = _verified_binary(build_dir)  # built while we waited?
+            if binary is None:
+                reason = _why_compile_now()
+                if (build_dir / "_C.so").exists():
+                    reason = "the cached binary does not match what its build recorded: cut short?"
+                _build(build_dir, files, why, reason)
+                binary = build_dir / "_C.so"
     return _import_binary(binary)

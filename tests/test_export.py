@@ -1,8 +1,9 @@
-"""bridge in torch.export (and ONNX through it) and in TorchScript modules."""
+"""bridge in torch.export (and ONNX through it), in the TorchScript-based ONNX exporter, and in TorchScript modules."""
 
 from __future__ import annotations
 
 import copy
+import inspect
 from pathlib import Path
 
 import pytest
@@ -64,6 +65,20 @@ def test_onnx_export_is_an_identity_and_onnxruntime_matches_eager(setting: str, 
     program.save(tmp_path / "model.onnx")
     assert [node.op_type for node in program.model_proto.graph.node] == ["Gemm", "Gemm"]  # the bridge vanished
     session = onnxruntime.InferenceSession(tmp_path / "model.onnx")
+    (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    torch.testing.assert_close(torch.from_numpy(got), model(x).detach())
+
+
+@pytest.mark.parametrize("setting", SETTINGS)
+def test_torchscript_onnx_exporter_writes_an_identity_and_onnxruntime_matches_eager(setting: str, tmp_path: Path) -> None:
+    onnx = pytest.importorskip("onnx", reason="needs onnx (pip install .[test])")
+    onnxruntime = pytest.importorskip("onnxruntime", reason="needs onnxruntime (pip install .[test])")
+    model, x = model_with(setting).eval(), torch.randn(3, 4)
+    # dynamo=False picks the TorchScript-based exporter, the only one before torch 2.5 (which has no such argument).
+    legacy = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
+    torch.onnx.export(model, (x,), str(tmp_path / "model.onnx"), **legacy)
+    assert [node.op_type for node in onnx.load(str(tmp_path / "model.onnx")).graph.node] == ["Gemm", "Identity", "Gemm"]
+    session = onnxruntime.InferenceSession(str(tmp_path / "model.onnx"))
     (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
     torch.testing.assert_close(torch.from_numpy(got), model(x).detach())
 

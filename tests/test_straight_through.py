@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import pytest
@@ -251,6 +252,7 @@ def test_vmap_and_func_grad() -> None:
     assert torch.equal(per_sample, -2.0 * q)
 
 
+@requires_torch("2.5", "torch.export's run_decompositions as bridge's tests use it")
 def test_export_keeps_the_operator_and_decomposes_it_to_q(tmp_path: Path) -> None:
     model = nn.Sequential(TernaryLinear(6, 4))
     x = torch.randn(3, 6)
@@ -263,18 +265,32 @@ def test_export_keeps_the_operator_and_decomposes_it_to_q(tmp_path: Path) -> Non
     torch.testing.assert_close(torch.export.load(tmp_path / "model.pt2").module()(x), model(x))
 
 
+class Rounded(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return straight_through(x, x.round()) * 2
+
+
+@requires_torch("2.5", "torch.onnx.export(dynamo=True)")
 def test_onnx_export_gives_q_and_onnxruntime_matches_eager(tmp_path: Path) -> None:
     pytest.importorskip("onnxscript", reason="ONNX export needs onnx and onnxscript (pip install .[test])")
     onnxruntime = pytest.importorskip("onnxruntime", reason="needs onnxruntime (pip install .[test])")
-
-    class Rounded(nn.Module):
-        def forward(self, x: Tensor) -> Tensor:
-            return straight_through(x, x.round()) * 2
-
     x = torch.randn(3, 4) * 3
     program = torch.onnx.export(Rounded(), (x,), dynamo=True, verbose=False)
     program.save(tmp_path / "model.onnx")
     session = onnxruntime.InferenceSession(tmp_path / "model.onnx")
+    (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    assert torch.equal(torch.from_numpy(got), x.round() * 2)
+
+
+def test_torchscript_onnx_exporter_writes_an_identity_of_q(tmp_path: Path) -> None:
+    onnx = pytest.importorskip("onnx", reason="needs onnx (pip install .[test])")
+    onnxruntime = pytest.importorskip("onnxruntime", reason="needs onnxruntime (pip install .[test])")
+    x = torch.randn(3, 4) * 3
+    # dynamo=False picks the TorchScript-based exporter, the only one before torch 2.5 (which has no such argument).
+    legacy = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
+    torch.onnx.export(Rounded(), (x,), str(tmp_path / "model.onnx"), **legacy)
+    assert "Identity" in [node.op_type for node in onnx.load(str(tmp_path / "model.onnx")).graph.node]
+    session = onnxruntime.InferenceSession(str(tmp_path / "model.onnx"))
     (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
     assert torch.equal(torch.from_numpy(got), x.round() * 2)
 
