@@ -305,6 +305,30 @@ def headline(results: dict) -> str:
     )
 
 
+def straight_through_headline(results: dict) -> str:
+    """The README's line on straight_through against the trick, from the results; empty if not measured."""
+    ste = results.get("straight_through")
+    if not ste:
+        return ""
+    ns = {(r["size_bytes"], r["method"]): r["median_ns"] for r in ste["per_call"]}
+    sizes = sorted({size for size, _ in ns})
+    small, large = sizes[0], sizes[-1]
+    allocated = max(r["allocated_bytes"] for r in ste["forward"] if r["method"] == "straight_through")
+    steps = ", ".join(f"{r['ratio_to_trick']:.2f} in {r['dtype']}" for r in ste["step"] if r["method"] == "straight_through")
+    worst = max(ste["exactness"], key=lambda r: r["share_differ"] if r["method"] == "trick" else -1)
+    ours_off = max(r["share_differ"] for r in ste["exactness"] if r["method"] == "straight_through")
+
+    def at(name: str) -> str:
+        return f"{format_ns(ns[(small, name)])} at {format_size(small)} and {format_ns(ns[(large, name)])} at {format_size(large)}"
+
+    return (
+        f"Straight-through, {results['environment']['device']}: `straight_through(x, q)` takes {at('straight_through')} "
+        f"(the trick `x + (q - x).detach()` {at('trick')}) and allocates {allocated} bytes; a BitNet-style "
+        f"training step takes {steps} of the trick's time; {ours_off:.0%} of its elements differ from `q`, "
+        f"against up to {worst['share_differ']:.1%} of the trick's ({worst['quantizer']}, {worst['dtype']})."
+    )
+
+
 def summary(results: dict) -> str:
     """One table per device for the README: each method's cost at a glance."""
     env, cfg = results["environment"], results["config"]

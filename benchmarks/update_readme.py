@@ -10,7 +10,7 @@ import json
 import sys
 
 from bench_bridge import RESULTS
-from report import headline, summary
+from report import headline, straight_through_headline, summary
 
 README = RESULTS.parent.parent / "README.md"
 START = "<!-- benchmark tables: written by benchmarks/update_readme.py -->"
@@ -30,6 +30,7 @@ def render() -> str:
             "",
             headline(results := json.loads(path.read_text())),
             "",
+            *([line, ""] if (line := straight_through_headline(results)) else []),
             summary(results),
             "",
             f"![latency against size, {device}]({(path.parent / 'latency.png').relative_to(README.parent)})",
