@@ -257,14 +257,13 @@ def test_vmap_and_func_grad() -> None:
     assert torch.equal(per_sample, -2.0 * q)
 
 
-@requires_torch("2.5", "torch.export's run_decompositions as bridge's tests use it")
+# NB: torch 2.5.1's export decomposes the operator while it traces (seen in CI's matrix).
+@requires_torch("2.6", "torch.export that keeps a custom operator in the graph it captures")
 def test_export_keeps_the_operator_and_decomposes_it_to_q(tmp_path: Path) -> None:
     model = nn.Sequential(TernaryLinear(6, 4))
     x = torch.randn(3, 6)
     program = torch.export.export(model, (x,))
-    # Captured wherever bridge is (a torch whose export decomposes as it traces, 2.5, keeps neither).
-    bridge_program = torch.export.export(nn.Sequential(gradbridge_ext.Bridge(grad_scale=-1.0)), (x,))
-    assert ("gradbridge.straight_through" in str(program.graph)) == ("gradbridge.bridge" in str(bridge_program.graph))
+    assert "gradbridge.straight_through" in str(program.graph)
     decomposed = program.run_decompositions()
     assert "gradbridge" not in str(decomposed.graph)
     torch.testing.assert_close(decomposed.module()(x), model(x))
