@@ -10,7 +10,6 @@ import functools
 import importlib.util
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -37,13 +36,7 @@ def _load() -> ModuleType:
 ex = _load()
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    # As the example's main() does: tiny tensors, and threads that spin on a busy machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # as the example's main() runs (conftest)
 
 
 @functools.cache

@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,13 +17,7 @@ SCRIPT = Path(__file__).parent.parent / "examples" / "probe_digits.py"
 STEPS = 200  # B and C pass 0.9 by then (600 in the example)
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    # As the example's main() does: small tensors, and threads that spin on a busy machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # as the example's main() runs (conftest)
 
 
 @functools.cache
