@@ -54,14 +54,7 @@ def check_bars(device: str, results: dict) -> list[dict]:
         })  # fmt: skip
     memory = [r for r in results.get("memory", []) if r["method"] == "bridge"]
     if memory:
-        allocated = max(r["allocated_bytes"] for r in memory)
-        kernels = max(r.get("kernels", 0) for r in memory)
-        bars.append({
-            "bar": "bridge allocates 0 bytes and launches 0 kernels",
-            "measured": f"max {allocated} B allocated"
-                        + (f", max {kernels} kernels" if device == "cuda" else ", (no kernels on CPU)"),
-            "holds": allocated == 0 and kernels == 0,
-        })  # fmt: skip
+        bars.append(no_work_bar("bridge allocates 0 bytes and launches 0 kernels", memory, device))
     training = results.get("training", [])
     if training:
         steps = {(r["mode"], r["method"]): r["step_ms_samples"] for r in training}
@@ -85,6 +78,17 @@ def check_bars(device: str, results: dict) -> list[dict]:
     return bars
 
 
+def no_work_bar(bar: str, rows: list[dict], device: str) -> dict:
+    """The bar that a method's rows show no allocation and (on CUDA) no kernel."""
+    allocated, kernels = max(r["allocated_bytes"] for r in rows), max(r.get("kernels", 0) for r in rows)
+    return {
+        "bar": bar,
+        "measured": f"max {allocated} B allocated"
+                    + (f", max {kernels} kernels" if device == "cuda" else ", (no kernels on CPU)"),
+        "holds": allocated == 0 and kernels == 0,
+    }  # fmt: skip
+
+
 def decide(low: float, high: float, lo_edge: float, hi_edge: float) -> bool | None:
     """Whether a ratio's 95% interval lies inside [lo_edge, hi_edge] (True), outside (False), or spans an edge."""
     return True if lo_edge <= low and high <= hi_edge else False if high < lo_edge or low > hi_edge else None
@@ -101,13 +105,7 @@ def straight_through_bars(device: str, results: dict) -> list[dict]:
         return []
     quick, bars = results.get("quick", False), []
     ours = [r for r in ste["forward"] if r["method"] == "straight_through"]
-    allocated, kernels = max(r["allocated_bytes"] for r in ours), max(r.get("kernels", 0) for r in ours)
-    bars.append({
-        "bar": "straight_through forward allocates 0 bytes and launches 0 kernels",
-        "measured": f"max {allocated} B allocated"
-                    + (f", max {kernels} kernels" if device == "cuda" else ", (no kernels on CPU)"),
-        "holds": allocated == 0 and kernels == 0,
-    })  # fmt: skip
+    bars.append(no_work_bar("straight_through forward allocates 0 bytes and launches 0 kernels", ours, device))
     ns = {(r["size_bytes"], r["method"]): r["samples_ns"] for r in ste["per_call"]}
     sizes = sorted({r["size_bytes"] for r in ste["per_call"]})
     small, large = sizes[0], sizes[-1]
