@@ -29,7 +29,7 @@ from __future__ import annotations
 import contextlib
 import numbers
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -193,7 +193,8 @@ def _bridge_with_options(t: Tensor, /, grad_scale: float | Tensor = _NO_SCALE, *
 def _straight_through_with_options(x: Tensor, q: Tensor, /, grad_scale: float | Tensor = 1.0) -> Tensor:
     """``straight_through`` for every call but two plain tensors': parsed here, checked by the operator."""
     if has_torch_function((x, q)):
-        args = (x, q) if grad_scale == 1.0 and type(grad_scale) is float else (x, q, grad_scale)
+        # NB: the type first: comparing a tensor (a mask, a traced scale) to 1.0 would ask for its value.
+        args = (x, q) if type(grad_scale) is float and grad_scale == 1.0 else (x, q, grad_scale)
         return handle_torch_function(straight_through, (x, q), *args)
     for name, value in (("x", x), ("q", q)):
         if not isinstance(value, Tensor):
@@ -344,9 +345,9 @@ class Bridge(nn.Module):
     def __init__(self, grad_scale: float | Tensor = 0.0, *, attach: bool | None = None) -> None:
         super().__init__()
         with torch.enable_grad():  # the operator checks the options and says whether they attach
-            shape = grad_scale.shape if isinstance(grad_scale, Tensor) else ()  # a mask's own shape fits it
-            probe = torch.empty(shape, device="meta", requires_grad=True)
-            self.attach = bridge(probe, grad_scale, attach=attach).requires_grad
+            is_tensor = isinstance(grad_scale, Tensor)
+            probe = torch.empty(grad_scale.shape if is_tensor else (), device="meta", requires_grad=True)  # a mask fits its own shape
+            self.attach = bridge(probe, grad_scale.to("meta") if is_tensor else grad_scale, attach=attach).requires_grad
         if isinstance(grad_scale, Tensor):
             # A buffer, so it moves with the module; update it in place for a schedule.
             self.register_buffer("grad_scale", grad_scale)
@@ -405,12 +406,26 @@ def _scaled(ctx: Any, grad: Tensor) -> Tensor | None:
     return None if ctx.grad_scale is None else grad * ctx.grad_scale
 
 
+# NOTE [A compiled attached result is a copy]
+# In eager mode an attached result is a custom Function's view of t (of q), at
+# no cost. Inside a compiled graph no alias can keep that backward:
+#   - AOTAutograd rebuilds an output that aliases an intermediate which another
+#     output also aliases (its base returned beside it, two results of one t)
+#     outside the compiled graph, as a plain view of that other output: the
+#     custom backward is gone and a reversal trains as the identity;
+#   - an alias that is no autograd view (detach) escapes that, but inductor then
+#     returns the result and its base as one tensor object, with one grad_fn.
+# So the forwards below return a copy, which AOTAutograd treats as any op's
+# output. Inductor drops the copy wherever doing so makes no two outputs of the
+# compiled graph share storage, which is wherever the result is used inside the
+# graph or returned without its base: a copy kernel runs only where eager would
+# have returned two aliases (tests/test_compiled_gradients.py counts them).
 class _AttachedBridge(torch.autograd.Function):
-    """The attached forms: a view forward; ``grad_scale * grad``, or ``None`` for ``grad_scale=None``."""
+    """The attached forms: a copy (see the NOTE above); ``grad_scale * grad``, or ``None`` for ``grad_scale=None``."""
 
     @staticmethod
     def forward(t: Tensor, grad_scale: float | Tensor | None) -> Tensor:
-        return t.view_as(t)
+        return t.clone()
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Tensor, float | Tensor | None], output: Tensor) -> None:
@@ -422,14 +437,14 @@ class _AttachedBridge(torch.autograd.Function):
 
 
 class _StraightThrough(torch.autograd.Function):
-    """straight_through in a compiled graph: a view of ``q``; ``grad_scale * grad`` to ``x``, in ``x``'s dtype."""
+    """straight_through in a compiled graph: a copy of ``q``; ``grad_scale * grad`` to ``x``, in ``x``'s dtype."""
 
     @staticmethod
-    def forward(x: Tensor, q: Tensor, grad_scale: float | Tensor) -> Tensor:
-        return q.view_as(q)
+    def forward(x: Tensor, q: Tensor, grad_scale: float | Tensor | None) -> Tensor:
+        return q.clone()
 
     @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Tensor, Tensor, float | Tensor], output: Tensor) -> None:
+    def setup_context(ctx: Any, inputs: tuple[Tensor, Tensor, float | Tensor | None], output: Tensor) -> None:
         ctx.x_dtype = inputs[0].dtype
         _save_scale(ctx, inputs[2])
 
@@ -439,8 +454,9 @@ class _StraightThrough(torch.autograd.Function):
         return (None if scaled is None else scaled.to(ctx.x_dtype)), None, None
 
 
-def _check_scale_tensor(function: str, grad_scale: Tensor, shape: torch.Size) -> None:
+def _check_scale_tensor(function: str, grad_scale: Tensor, t: Tensor, name: str) -> None:
     """csrc/bridge.cpp's check_scale_tensor, for the compile stand-ins."""
+    shape = t.shape
     broadcasts = grad_scale.dim() <= len(shape) and all(
         size == 1 or size == shape[i - grad_scale.dim()] for i, size in enumerate(grad_scale.shape)
     )
@@ -449,6 +465,23 @@ def _check_scale_tensor(function: str, grad_scale: Tensor, shape: torch.Size) ->
             f"gradbridge::{function}: a grad_scale tensor must be floating or bool and broadcast to the shape "
             f"{list(shape)}, got a {list(grad_scale.shape)} {grad_scale.dtype} tensor"
         )
+    if grad_scale.device != t.device and not (grad_scale.dim() == 0 and grad_scale.device.type == "cpu"):
+        raise ValueError(
+            f"gradbridge::{function}: a grad_scale tensor must be on {name}'s device, {t.device}, or be a 0-dim CPU "
+            f"tensor; got a {list(grad_scale.shape)} tensor on {grad_scale.device}"
+        )
+
+
+# NB: strict export puts the operator itself in the graph dynamo captures, as
+# non-strict export does without dynamo, so that ep.module() runs bridge's
+# backward; export would inline the Functions above into their forwards, under
+# no_grad, dropping the backward. _register_compile_rule sets this.
+_is_exporting: Callable[[], bool] = lambda: False
+
+
+def _recorded(t: Tensor) -> bool:
+    """Whether the eager operator records a node whose gradient goes to ``t``: else its result is a plain alias."""
+    return torch.is_grad_enabled() and t.requires_grad
 
 
 def _bridge_for_dynamo(t: Tensor, /, grad_scale: float | Tensor = 0.0, *, attach: bool | None = None) -> Tensor:
@@ -463,10 +496,12 @@ def _bridge_for_dynamo(t: Tensor, /, grad_scale: float | Tensor = 0.0, *, attach
     if attach is not None and not isinstance(attach, bool):
         raise _attach_type_error(attach)
     if isinstance(grad_scale, Tensor):
-        _check_scale_tensor("bridge", grad_scale, t.shape)
+        _check_scale_tensor("bridge", grad_scale, t, "t")
         if attach is False:
             raise ValueError("gradbridge::bridge: attach=False cuts the graph, but a grad_scale tensor needs it; leave attach out")
-        return _AttachedBridge.apply(t, grad_scale)
+        if _is_exporting():
+            return torch.ops.gradbridge.bridge.Tensor(t, grad_scale, attach)
+        return _AttachedBridge.apply(t, grad_scale) if _recorded(t) else t.detach()
     if isinstance(grad_scale, bool) or not isinstance(grad_scale, numbers.Real):
         raise _grad_scale_type_error(grad_scale)
     # NB: math.isfinite cannot take a symbol, and a symbol's finiteness cannot
@@ -476,7 +511,9 @@ def _bridge_for_dynamo(t: Tensor, /, grad_scale: float | Tensor = 0.0, *, attach
     nonzero = grad_scale != 0
     if attach is False and nonzero:
         raise ValueError("gradbridge::bridge: attach=False cuts the graph, but a nonzero grad_scale needs it; leave attach out")
-    if not (attach or nonzero):
+    if _is_exporting():
+        return torch.ops.gradbridge.bridge.default(t, grad_scale, attach)
+    if not (attach or nonzero) or not _recorded(t):
         return t.detach()
     return _AttachedBridge.apply(t, grad_scale if nonzero else None)
 
@@ -493,12 +530,19 @@ def _straight_through_for_dynamo(x: Tensor, q: Tensor, /, grad_scale: float | Te
     if not (x.is_floating_point() and q.is_floating_point() or x.is_complex() and q.is_complex()):
         raise TypeError(f"gradbridge::straight_through(x, q): x and q must both be floating (or both complex), got {x.dtype} and {q.dtype}")
     if isinstance(grad_scale, Tensor):
-        _check_scale_tensor("straight_through", grad_scale, x.shape)
-    elif isinstance(grad_scale, bool) or not isinstance(grad_scale, numbers.Real):
+        _check_scale_tensor("straight_through", grad_scale, x, "x")
+        if _is_exporting():
+            return torch.ops.gradbridge.straight_through.Tensor(x, q, grad_scale)
+        return _StraightThrough.apply(x, q, grad_scale) if _recorded(x) else q.detach()
+    if isinstance(grad_scale, bool) or not isinstance(grad_scale, numbers.Real):
         raise _grad_scale_type_error(grad_scale, "straight_through")
-    elif grad_scale - grad_scale != 0:  # see _bridge_for_dynamo
+    if grad_scale - grad_scale != 0:  # see _bridge_for_dynamo
         raise ValueError(f"gradbridge::straight_through: grad_scale must be a finite number, got {grad_scale}")
-    return _StraightThrough.apply(x, q, grad_scale)
+    if _is_exporting():
+        return torch.ops.gradbridge.straight_through.default(x, q, grad_scale)
+    if not _recorded(x):
+        return q.detach()
+    return _StraightThrough.apply(x, q, grad_scale if grad_scale != 0 else None)
 
 
 @_register_if_available(torch.library, "register_vmap", "gradbridge::bridge")
@@ -538,11 +582,29 @@ for _overload in ("gradbridge::straight_through", "gradbridge::straight_through.
 
 
 def _alias(t: Tensor, *options: Any) -> Tensor:
+    _refuse_to_drop_the_backward("bridge", t)
     return torch.ops.aten.alias.default(t)
 
 
 def _alias_of_q(x: Tensor, q: Tensor, grad_scale: Any = 1.0) -> Tensor:
+    _refuse_to_drop_the_backward("straight_through", x, q)
     return torch.ops.aten.alias.default(q)
+
+
+# torch 2.5 exports the decomposition below in place of the operator, with
+# autograd on: aten.alias's gradient would silently replace the operator's.
+# Newer torch calls it only below autograd (run_decompositions, ONNX), where the
+# alias is all there is.
+_EXPORT_KEEPS_THE_OPERATOR = _extension._minor(torch.__version__) >= (2, 6)
+
+
+def _refuse_to_drop_the_backward(op: str, *tensors: Tensor) -> None:
+    if not _EXPORT_KEEPS_THE_OPERATOR and torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        raise RuntimeError(
+            f"gradbridge::{op}: torch {torch.__version__} decomposes the operator while it exports, which would "
+            "drop its backward (ep.module() would train it as an identity). Export under torch.no_grad() for "
+            "inference, or use torch 2.6 or newer, whose export keeps the operator."
+        )
 
 
 # NB: functionalization decomposes an op whose schema aliases its input through
@@ -555,7 +617,16 @@ for _overload in (torch.ops.gradbridge.straight_through.default, torch.ops.gradb
     _overload.py_impl(torch._C.DispatchKey.CompositeImplicitAutograd)(_alias_of_q)
 
 
+def _dynamo_is_exporting() -> bool:
+    """Whether dynamo traces for torch.export, where torch has no torch.compiler.is_exporting (2.5): its tracer says."""
+    from torch._dynamo.symbolic_convert import InstructionTranslator
+
+    return bool(getattr(InstructionTranslator.current_tx(), "export", False))
+
+
 def _register_compile_rule() -> None:
+    global _is_exporting
+    _is_exporting = getattr(torch.compiler, "is_exporting", None) or torch._dynamo.assume_constant_result(_dynamo_is_exporting)
     _register_if_available(torch.compiler, "substitute_in_graph", _C.bridge)(_bridge_for_dynamo)
     _register_if_available(torch.compiler, "substitute_in_graph", _C.straight_through)(_straight_through_for_dynamo)
 

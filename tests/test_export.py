@@ -40,10 +40,11 @@ def assert_same_gradients(got: list, expected: list) -> None:
             torch.testing.assert_close(g, e)
 
 
+@pytest.mark.parametrize("strict", [False, True], ids=["non-strict", "strict"])
 @pytest.mark.parametrize("setting", SETTINGS)
-def test_export_decompose_save_and_load(setting: str, tmp_path: Path) -> None:
+def test_export_decompose_save_and_load(setting: str, strict: bool, tmp_path: Path) -> None:
     model, x = model_with(setting), torch.randn(3, 4)
-    program = torch.export.export(model, (x,))
+    program = torch.export.export(model, (x,), strict=strict)
     assert "gradbridge.bridge" in str(program.graph)  # the operator itself is captured
     # ep.module() runs the operator, so it keeps bridge's gradients.
     exported = program.module()

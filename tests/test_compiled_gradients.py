@@ -1,0 +1,193 @@
+"""Compiled and exported gradients are eager's, exactly: a differential test.
+
+Every setting of ``bridge`` and ``straight_through``, returned or reused in every
+way a model does (alone, beside the tensor it aliases, beside another output,
+twice, a view of it, in the graph, of an input, under ``dynamic=True``), compiled
+with ``aot_eager`` and ``inductor`` and exported strict and non-strict, is run
+beside eager and compared. Every value is a small integer and every scale a
+dyadic fraction, so each backend's arithmetic is exact and results compare with
+``torch.equal``: outputs, their ``requires_grad``, and each leaf's gradient,
+where ``None`` is not a zero tensor.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from conftest import requires_torch, torch_at_least
+from gradbridge_ext import Bridge, bridge, straight_through
+
+# The compile stand-ins need torch.compiler.substitute_in_graph; an older torch
+# breaks the graph at the call and runs the eager operator, which these tests
+# still compare (without fullgraph).
+FULLGRAPH = torch_at_least("2.5")
+
+
+class Net(nn.Module):
+    """``h = lin(x)``, its quantized ``q`` (gets gradient only through ``codebook``), and one setting's result."""
+
+    def __init__(self, setting: str, pattern: str) -> None:
+        super().__init__()
+        self.setting, self.pattern = SETTINGS[setting], PATTERNS[pattern]
+        self.lin = nn.Linear(4, 4)
+        self.codebook = nn.Parameter(torch.zeros(4))  # q's own path to the parameters, as a VQ codebook's
+        self.head = nn.Parameter(torch.zeros(4, 3))
+        self.register_buffer("scale", torch.tensor(-0.5))  # a 0-dim grad_scale, a buffer as Bridge keeps it
+        self.register_buffer("mask", torch.tensor([True, False, True, True]))
+        self.register_buffer("float_mask", torch.tensor([[1.0], [0.0], [-2.0]]))
+        self.reversal = Bridge(grad_scale=-2.0)
+        with torch.no_grad():  # small integers: every backend's sums are exact
+            self.lin.weight.copy_(torch.tensor([[1.0, -2, 0, 1], [2, 1, -1, 0], [0, 1, 3, -1], [-1, 0, 2, 2]]))
+            self.lin.bias.copy_(torch.tensor([1.0, 0, -1, 2]))
+            self.head.copy_(torch.tensor([[1.0, 0, -1], [2, -1, 0], [0, 1, 1], [-1, 2, 0]]))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, ...]:
+        h = self.lin(x)
+        q = (h.detach() / 4).round() * 4 + self.codebook  # h on a grid of 4, differentiable in codebook only
+        return self.pattern(self, self.setting, x, h, q)
+
+
+# Each setting makes (result, the tensor it aliases) from (module, h, q).
+Setting = Callable[[Net, Tensor, Tensor], "tuple[Tensor, Tensor]"]
+SETTINGS: dict[str, Setting] = {
+    "cut": lambda m, h, q: (bridge(h), h),
+    "reversal": lambda m, h, q: (bridge(h, -1.0), h),
+    "damped": lambda m, h, q: (bridge(h, 0.5), h),
+    "attach": lambda m, h, q: (bridge(h, attach=True), h),
+    "0-dim scale": lambda m, h, q: (bridge(h, m.scale), h),
+    "mask": lambda m, h, q: (bridge(h, m.mask), h),
+    "Bridge module": lambda m, h, q: (m.reversal(h), h),
+    "straight_through": lambda m, h, q: (straight_through(h, q), q),
+    "straight_through damped": lambda m, h, q: (straight_through(h, q, 0.5), q),
+    "straight_through zero": lambda m, h, q: (straight_through(h, q, 0.0), q),
+    "straight_through 0-dim scale": lambda m, h, q: (straight_through(h, q, m.scale), q),
+    "straight_through mask": lambda m, h, q: (straight_through(h, q, m.float_mask), q),
+    "straight_through, x needs no grad": lambda m, h, q: (straight_through(h.detach(), q), q),
+}
+
+# Each pattern returns the model's outputs, from the setting's result.
+Pattern = Callable[[Net, Setting, Tensor, Tensor, Tensor], "tuple[Tensor, ...]"]
+PATTERNS: dict[str, Pattern] = {
+    "alone": lambda m, s, x, h, q: s(m, h, q)[:1],
+    "in the graph": lambda m, s, x, h, q: (s(m, h, q)[0] @ m.head,),
+    "beside its base": lambda m, s, x, h, q: s(m, h, q),
+    "after its base": lambda m, s, x, h, q: s(m, h, q)[::-1],
+    "beside another output": lambda m, s, x, h, q: (s(m, h, q)[0], h * 2),
+    "returned twice": lambda m, s, x, h, q: (s(m, h, q)[0],) * 2,
+    "used twice": lambda m, s, x, h, q: (lambda r: (r @ m.head, r * 3))(s(m, h, q)[0]),
+    "called twice": lambda m, s, x, h, q: (s(m, h, q)[0], s(m, h, q)[0]),
+    "a view of it beside its base": lambda m, s, x, h, q: (lambda r, base: (r.view(-1), base))(*s(m, h, q)),
+    "of the input, beside it": lambda m, s, x, h, q: s(m, x, (x / 4).round() * 4 + m.codebook),
+}
+
+X = torch.tensor([[1.0, 2, -1, 0], [0, -3, 2, 1], [2, 1, 1, -2]])
+
+
+def run(model: nn.Module, forward: Callable[[Tensor], tuple[Tensor, ...]]) -> dict[str, object]:
+    """Outputs, their requires_grad, and every leaf's gradient after one backward."""
+    x = X.clone().requires_grad_()
+    outputs = forward(x)
+    # A fixed, different integer gradient for each output.
+    weights = [torch.arange(o.numel(), dtype=o.dtype).reshape(o.shape) % 5 - 2 + i for i, o in enumerate(outputs)]
+    graded = [(o, w) for o, w in zip(outputs, weights) if o.requires_grad]
+    if graded:
+        torch.autograd.backward([o for o, _ in graded], [w for _, w in graded])
+    return {
+        "values": [o.detach().clone() for o in outputs],
+        "requires_grad": [o.requires_grad for o in outputs],
+        "grads": {"x": x.grad, **{name: p.grad for name, p in model.named_parameters()}},
+    }
+
+
+def assert_same(got: dict[str, object], expected: dict[str, object]) -> None:
+    assert got["requires_grad"] == expected["requires_grad"]
+    assert len(got["values"]) == len(expected["values"])
+    for g, e in zip(got["values"], expected["values"]):
+        assert g.dtype == e.dtype and torch.equal(g, e)
+    for name, e in expected["grads"].items():
+        g = got["grads"].get(name)  # strict export leaves out parameters the forward does not use
+        assert (g is None) == (e is None), f"{name}.grad: {g} where eager gives {e}"
+        assert e is None or torch.equal(g, e), f"{name}.grad: {g} where eager gives {e}"
+
+
+CASES = [(s, p) for s in SETTINGS for p in PATTERNS]
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+@pytest.mark.parametrize(("setting", "pattern"), CASES)
+def test_compiled_gradients_are_eagers(setting: str, pattern: str, backend: str) -> None:
+    eager = Net(setting, pattern)
+    model = copy.deepcopy(eager)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=backend, fullgraph=FULLGRAPH)
+    assert_same(run(model, compiled), run(eager, eager))
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+@pytest.mark.parametrize("setting", SETTINGS)
+def test_compiled_gradients_are_eagers_with_dynamic_shapes(setting: str, backend: str) -> None:
+    eager = Net(setting, "beside its base")
+    model = copy.deepcopy(eager)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=backend, fullgraph=FULLGRAPH, dynamic=True)
+    assert_same(run(model, compiled), run(eager, eager))
+
+
+EXPORT_PATTERNS = ["alone", "beside its base", "in the graph"]
+
+
+def export(model: nn.Module, strict: bool) -> torch.export.ExportedProgram:
+    torch._dynamo.reset()
+    return torch.export.export(copy.deepcopy(model), (X.clone().requires_grad_(),), strict=strict)
+
+
+@requires_torch("2.5", "torch.export's strict argument and torch.compiler.substitute_in_graph")
+@pytest.mark.parametrize("strict", [False, True], ids=["non-strict", "strict"])
+@pytest.mark.parametrize("pattern", EXPORT_PATTERNS)
+@pytest.mark.parametrize("setting", SETTINGS)
+def test_exported_gradients_are_eagers(setting: str, pattern: str, strict: bool) -> None:
+    eager = Net(setting, pattern)
+    if not torch_at_least("2.6"):
+        # torch 2.5's export captures the operator's decomposition, an alias, whose gradient is not the operator's.
+        with pytest.raises(RuntimeError, match=r"decomposes the operator while it exports, which would drop its backward"):
+            export(eager, strict)
+        return
+    program = export(eager, strict)
+    assert "gradbridge." in str(program.graph)  # the operator itself, whose backward ep.module() runs
+    exported = program.module()
+    assert_same(run(exported, exported), run(eager, eager))
+
+
+@requires_torch("2.5", "torch.export's strict argument and torch.compiler.substitute_in_graph")
+@pytest.mark.parametrize("strict", [False, True], ids=["non-strict", "strict"])
+@pytest.mark.parametrize("setting", SETTINGS)
+def test_export_for_inference_under_no_grad_gives_eagers_values(setting: str, strict: bool) -> None:
+    eager = Net(setting, "beside its base")
+    with torch.no_grad():
+        exported = export(eager, strict).module()
+        got, expected = exported(X), eager(X)
+    assert all(torch.equal(g, e) for g, e in zip(got, expected, strict=True))
+
+
+def copy_kernels(model: nn.Module) -> int:
+    """How many kernels inductor writes that copy a tensor (alone or fused with what makes it) for ``model``."""
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    _, code = run_and_get_code(torch.compile(model, fullgraph=True), X.clone().requires_grad_())
+    return len(set(re.findall(r"\w*_fused_\w*clone\w*", "\n".join(code))))
+
+
+@requires_torch("2.5", "torch.compiler.substitute_in_graph")
+@pytest.mark.parametrize(("pattern", "copies"), [("in the graph", 0), ("alone", 0), ("beside its base", 1)])
+@pytest.mark.parametrize("setting", ["reversal", "mask", "straight_through"])
+def test_inductor_copies_only_where_the_result_is_returned_beside_its_base(setting: str, pattern: str, copies: int) -> None:
+    # NOTE [A compiled attached result is a copy] in gradbridge_ext/ops.py: the copy
+    # that keeps the backward runs only where eager would have returned two aliases.
+    assert copy_kernels(Net(setting, pattern)) == copies
