@@ -84,10 +84,13 @@ std::string shape_string(at::IntArrayRef shape) {
 // gradient's shape without growing it: a 0-dim scale, or a mask such as
 // `rows[:, None]`. Its value is read only by the backward, so a schedule can
 // update it in place between steps with no host sync and no recompile. It
-// always attaches.
-void check_scale_tensor(const char* op, const at::Tensor& grad_scale, at::IntArrayRef shape) {
+// always attaches. It lives on the device of the tensor it scales (`name`),
+// or is a 0-dim CPU tensor, which any device's multiply reads on the host:
+// a mask elsewhere would fail only in the backward, far from the mistake.
+void check_scale_tensor(const char* op, const at::Tensor& grad_scale, const at::Tensor& t, const char* name) {
   TORCH_CHECK_TYPE(
       grad_scale.defined(), op, ": grad_scale must be a number or a tensor, got None");
+  const auto shape = t.sizes();
   bool broadcasts = grad_scale.dim() <= static_cast<int64_t>(shape.size());
   for (int64_t i = 1; broadcasts && i <= grad_scale.dim(); ++i) {
     const auto size = grad_scale.size(-i);
@@ -98,70 +101,18 @@ void check_scale_tensor(const char* op, const at::Tensor& grad_scale, at::IntArr
       op, ": a grad_scale tensor must be floating or bool and broadcast to the shape ",
       shape_string(shape), ", got a ", shape_string(grad_scale.sizes()), " ",
       c10::toString(grad_scale.scalar_type()), " tensor");
+  TORCH_CHECK_VALUE(
+      grad_scale.device() == t.device() || (grad_scale.dim() == 0 && grad_scale.is_cpu()),
+      op, ": a grad_scale tensor must be on ", name, "'s device, ", t.device().str(),
+      ", or be a 0-dim CPU tensor; got a ", shape_string(grad_scale.sizes()), " tensor on ",
+      grad_scale.device().str());
 }
 
 void check_options(const at::Tensor& t, const at::Tensor& grad_scale, c10::optional<bool> attach) {
-  check_scale_tensor("gradbridge::bridge", grad_scale, t.sizes());
+  check_scale_tensor("gradbridge::bridge", grad_scale, t, "t");
   TORCH_CHECK_VALUE(
       attach != false,
       "gradbridge::bridge: attach=False cuts the graph, but a grad_scale tensor needs it; leave attach out");
-}
-
-// NOTE [straight_through's rules]
-// straight_through(x, q) is q's alias with x's gradient, so the two must
-// describe the same elements: the same shape (the trick's broadcast result
-// would be no alias of q), the same device, and both real floating or both
-// complex (the gradient reaches x in x's dtype, cast by autograd's engine).
-void check_straight_through(const at::Tensor& x, const at::Tensor& q) {
-  TORCH_CHECK_TYPE(
-      x.defined() && q.defined(),
-      "gradbridge::straight_through(x, q): expected two tensors, got None (an undefined tensor)");
-  TORCH_CHECK_VALUE(
-      x.sizes() == q.sizes(),
-      "gradbridge::straight_through(x, q): x and q must have the same shape (no broadcasting: the "
-      "result is an alias of q), got ", shape_string(x.sizes()), " and ", shape_string(q.sizes()));
-  TORCH_CHECK_VALUE(
-      x.device() == q.device(),
-      "gradbridge::straight_through(x, q): x and q must be on the same device, got ",
-      x.device().str(), " and ", q.device().str());
-  const bool real = at::isFloatingType(x.scalar_type()) && at::isFloatingType(q.scalar_type());
-  const bool complex = at::isComplexType(x.scalar_type()) && at::isComplexType(q.scalar_type());
-  TORCH_CHECK_TYPE(
-      real || complex,
-      "gradbridge::straight_through(x, q): x and q must both be floating (or both complex), got ",
-      c10::toString(x.scalar_type()), " and ", c10::toString(q.scalar_type()));
-}
-
-void check_straight_through(const at::Tensor& x, const at::Tensor& q, double grad_scale) {
-  check_straight_through(x, q);
-  TORCH_CHECK_VALUE(
-      std::isfinite(grad_scale),
-      "gradbridge::straight_through: grad_scale must be a finite number, got ",
-      std::isnan(grad_scale) ? "nan" : grad_scale > 0 ? "inf" : "-inf");
-}
-
-void check_straight_through(const at::Tensor& x, const at::Tensor& q, const at::Tensor& grad_scale) {
-  check_straight_through(x, q);
-  check_scale_tensor("gradbridge::straight_through", grad_scale, x.sizes());
-}
-
-// The forward is the same for every backward.
-at::Tensor bridge_kernel(const at::Tensor& t, double grad_scale, c10::optional<bool> attach) {
-  return bridge_alias(t, /*attached=*/check_options(grad_scale, attach));
-}
-
-at::Tensor bridge_tensor_kernel(
-    const at::Tensor& t, const at::Tensor& grad_scale, c10::optional<bool> attach) {
-  check_options(t, grad_scale, attach);
-  return bridge_alias(t, /*attached=*/true);
-}
-
-// straight_through's forward is bridge's attached alias, of q.
-// Scale: double, or const at::Tensor& (the .Tensor overload).
-template <class Scale>
-at::Tensor straight_through_kernel(const at::Tensor& x, const at::Tensor& q, Scale grad_scale) {
-  check_straight_through(x, q, grad_scale);
-  return bridge_alias(q, /*attached=*/true);
 }
 
 // How Python spells a layout, for error messages.
@@ -188,8 +139,9 @@ void check_defined(const at::Tensor& t) {
 }
 
 // Sparse, nested, quantized and mkldnn tensors have no one strided storage for
-// an alias to share; say so by name rather than failing somewhere deeper.
-void check_strided(const at::Tensor& t) {
+// an alias to share; say so by name rather than failing somewhere deeper (a
+// nested tensor's sizes() is an internal error).
+void check_strided(const char* call, const char* name, const at::Tensor& t, const char* instead) {
   if (t.layout() == at::kStrided && !t.is_nested() && !t.is_quantized()) {
     return;
   }
@@ -198,9 +150,71 @@ void check_strided(const at::Tensor& t) {
                                     : std::string("a tensor with layout ") +
           layout_name(t.layout());
   TORCH_CHECK_NOT_IMPLEMENTED(
-      false,
-      "gradbridge::bridge(t): t must be a dense strided tensor, so that there "
-      "is one storage to alias; got ", given, ". Use t.detach() for it.");
+      false, call, ": ", name, " must be a dense strided tensor, so that there "
+      "is one storage to alias; got ", given, ". ", instead);
+}
+
+void check_strided(const at::Tensor& t) {
+  check_strided("gradbridge::bridge(t)", "t", t, "Use t.detach() for it.");
+}
+
+// NOTE [straight_through's rules]
+// straight_through(x, q) is q's alias with x's gradient, so the two must
+// describe the same elements: the same shape (the trick's broadcast result
+// would be no alias of q), the same device, and both real floating or both
+// complex (the gradient reaches x in x's dtype, cast by autograd's engine).
+void check_straight_through(const at::Tensor& x, const at::Tensor& q) {
+  TORCH_CHECK_TYPE(
+      x.defined() && q.defined(),
+      "gradbridge::straight_through(x, q): expected two tensors, got None (an undefined tensor)");
+  check_strided("gradbridge::straight_through(x, q)", "x", x, "Use x + (q - x).detach() for it.");
+  check_strided("gradbridge::straight_through(x, q)", "q", q, "Use x + (q - x).detach() for it.");
+  TORCH_CHECK_VALUE(
+      x.sizes() == q.sizes(),
+      "gradbridge::straight_through(x, q): x and q must have the same shape (no broadcasting: the "
+      "result is an alias of q), got ", shape_string(x.sizes()), " and ", shape_string(q.sizes()));
+  TORCH_CHECK_VALUE(
+      x.device() == q.device(),
+      "gradbridge::straight_through(x, q): x and q must be on the same device, got ",
+      x.device().str(), " and ", q.device().str());
+  const bool real = at::isFloatingType(x.scalar_type()) && at::isFloatingType(q.scalar_type());
+  const bool complex = at::isComplexType(x.scalar_type()) && at::isComplexType(q.scalar_type());
+  TORCH_CHECK_TYPE(
+      real || complex,
+      "gradbridge::straight_through(x, q): x and q must both be floating (or both complex), got ",
+      c10::toString(x.scalar_type()), " and ", c10::toString(q.scalar_type()));
+}
+
+void check_straight_through(const at::Tensor& x, const at::Tensor& q, double grad_scale) {
+  check_straight_through(x, q);
+  TORCH_CHECK_VALUE(
+      std::isfinite(grad_scale),
+      "gradbridge::straight_through: grad_scale must be a finite number, got ",
+      std::isnan(grad_scale) ? "nan" : grad_scale > 0 ? "inf" : "-inf");
+}
+
+void check_straight_through(const at::Tensor& x, const at::Tensor& q, const at::Tensor& grad_scale) {
+  check_straight_through(x, q);
+  check_scale_tensor("gradbridge::straight_through", grad_scale, x, "x");
+}
+
+// The forward is the same for every backward.
+at::Tensor bridge_kernel(const at::Tensor& t, double grad_scale, c10::optional<bool> attach) {
+  return bridge_alias(t, /*attached=*/check_options(grad_scale, attach));
+}
+
+at::Tensor bridge_tensor_kernel(
+    const at::Tensor& t, const at::Tensor& grad_scale, c10::optional<bool> attach) {
+  check_options(t, grad_scale, attach);
+  return bridge_alias(t, /*attached=*/true);
+}
+
+// straight_through's forward is bridge's attached alias, of q.
+// Scale: double, or const at::Tensor& (the .Tensor overload).
+template <class Scale>
+at::Tensor straight_through_kernel(const at::Tensor& x, const at::Tensor& q, Scale grad_scale) {
+  check_straight_through(x, q, grad_scale);
+  return bridge_alias(q, /*attached=*/true);
 }
 
 // Backends without a bridge_alias registration land here: the layouts above
@@ -226,7 +240,6 @@ at::Tensor bridge_unsupported_tensor(const at::Tensor& t, const at::Tensor&, c10
 template <class Scale>
 at::Tensor straight_through_unsupported(const at::Tensor& x, const at::Tensor& q, Scale) {
   check_straight_through(x, q);
-  check_strided(q);
   return bridge_unsupported(q);
 }
 
@@ -500,13 +513,11 @@ at::Tensor bridge(const at::Tensor& t, const at::Tensor& grad_scale, c10::option
 
 at::Tensor straight_through(const at::Tensor& x, const at::Tensor& q, double grad_scale) {
   check_straight_through(x, q);
-  check_strided(q);
   return straight_through_op().call(x, q, grad_scale);
 }
 
 at::Tensor straight_through(const at::Tensor& x, const at::Tensor& q, const at::Tensor& grad_scale) {
   check_straight_through(x, q);
-  check_strided(q);
   return straight_through_tensor_op().call(x, q, grad_scale);
 }
 

@@ -1,13 +1,15 @@
-"""What several test modules share: dtypes, the settings table, and the alias checks."""
+"""What several test modules share: dtypes, the settings table, the alias checks, and the tensors refused by layout."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+import pytest
 import torch
 from torch import Tensor, nn
 
 import gradbridge_ext
+from conftest import requires_torch, torch_at_least
 from gradbridge_ext import Bridge, BridgeFunction, bridge, straight_through
 
 FLOAT8 = [getattr(torch, name) for name in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, name)]
@@ -113,3 +115,35 @@ class TernaryLinear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         return nn.functional.linear(x, straight_through(self.weight, ternary(self.weight.detach())), self.bias)
+
+
+# --- tensors with no one strided storage, which bridge and straight_through refuse by name
+
+JAGGED = torch_at_least("2.2")  # torch.jagged, the layout of torch.nested's NJT
+
+
+def unsupported_tensors() -> dict[str, Tensor]:
+    dense = torch.randn(4, 4)
+    found = {
+        "torch.sparse_coo": dense.to_sparse(),
+        "torch.sparse_coo requiring grad": dense.to_sparse().requires_grad_(),
+        "torch.sparse_csr": dense.to_sparse_csr(),
+        "torch.sparse_csc": dense.to_sparse_csc(),
+        "torch.sparse_bsr": dense.to_sparse_bsr((2, 2)),
+        "torch.sparse_bsc": dense.to_sparse_bsc((2, 2)),
+        "nested": torch.nested.nested_tensor([torch.randn(2), torch.randn(3)]),
+        "nested requiring grad": torch.nested.nested_tensor([torch.randn(2), torch.randn(3)], requires_grad=True),
+        "quantized": torch.quantize_per_tensor(dense, 0.1, 0, torch.quint8),
+    }
+    if JAGGED:
+        found["nested jagged"] = torch.nested.nested_tensor([torch.randn(2), torch.randn(3)], layout=torch.jagged)
+    if torch.backends.mkldnn.is_available():
+        found["torch._mkldnn"] = dense.to_mkldnn()
+    return found
+
+
+def unsupported_kinds() -> list:
+    """unsupported_tensors()' names, and the jagged case skipped, visibly, where torch lacks it."""
+    if JAGGED:
+        return list(unsupported_tensors())
+    return [*unsupported_tensors(), pytest.param("nested jagged", marks=requires_torch("2.2", "the jagged layout"))]

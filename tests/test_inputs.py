@@ -16,7 +16,10 @@ import pytest
 import torch
 from conftest import requires_torch, torch_at_least
 from torch import Tensor, nn
-from helpers import GRAD_SCALE, SETTINGS, SHARES_VERSION, assert_alias, assert_view_only_if_recorded, layouts, raw_bytes
+from helpers import (
+    GRAD_SCALE, SETTINGS, SHARES_VERSION, assert_alias, assert_view_only_if_recorded, layouts, raw_bytes, unsupported_kinds,
+    unsupported_tensors,
+)  # fmt: skip
 
 
 
@@ -185,36 +188,6 @@ def test_non_tensors_raise_naming_the_type(setting: str, name: str) -> None:
         # before 2.5 refuses an undefined tensor itself, before any kernel, in its own words.
         named = "None|tensor does not have a device"
     assert re.search(named, str(error.value)), error.value
-
-
-JAGGED = torch_at_least("2.2")  # torch.jagged, the layout of torch.nested's NJT
-
-
-def unsupported_tensors() -> dict[str, Tensor]:
-    dense = torch.randn(4, 4)
-    found = {
-        "torch.sparse_coo": dense.to_sparse(),
-        "torch.sparse_coo requiring grad": dense.to_sparse().requires_grad_(),
-        "torch.sparse_csr": dense.to_sparse_csr(),
-        "torch.sparse_csc": dense.to_sparse_csc(),
-        "torch.sparse_bsr": dense.to_sparse_bsr((2, 2)),
-        "torch.sparse_bsc": dense.to_sparse_bsc((2, 2)),
-        "nested": torch.nested.nested_tensor([torch.randn(2), torch.randn(3)]),
-        "nested requiring grad": torch.nested.nested_tensor([torch.randn(2), torch.randn(3)], requires_grad=True),
-        "quantized": torch.quantize_per_tensor(dense, 0.1, 0, torch.quint8),
-    }
-    if JAGGED:
-        found["nested jagged"] = torch.nested.nested_tensor([torch.randn(2), torch.randn(3)], layout=torch.jagged)
-    if torch.backends.mkldnn.is_available():
-        found["torch._mkldnn"] = dense.to_mkldnn()
-    return found
-
-
-def unsupported_kinds() -> list:
-    """unsupported_tensors()' names, and the jagged case skipped, visibly, where torch lacks it."""
-    if JAGGED:
-        return list(unsupported_tensors())
-    return [*unsupported_tensors(), pytest.param("nested jagged", marks=requires_torch("2.2", "the jagged layout"))]
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # quantized and nested tensors warn on creation

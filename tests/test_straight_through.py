@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import re
 from pathlib import Path
 
 import pytest
@@ -12,8 +14,8 @@ from torch import Tensor, nn
 
 import gradbridge_ext
 from conftest import requires_torch
-from gradbridge_ext import straight_through
-from helpers import TernaryLinear, assert_alias, ternary
+from gradbridge_ext import Bridge, bridge, straight_through
+from helpers import TernaryLinear, assert_alias, ternary, unsupported_kinds, unsupported_tensors
 
 FLOATING = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 
@@ -347,3 +349,62 @@ def test_messages_with_shapes_and_devices_are_whole(device: str) -> None:
         straight_through(x, torch.ones(2, 3, device="meta"))
     with pytest.raises(ValueError, match=r"broadcast to the shape \[2, 3\], got a \[4, 1\] Float tensor$"):
         straight_through(x, x, torch.ones(4, 1, device=device))
+
+
+# --- what the call refuses at once, naming straight_through
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # quantized and nested tensors warn on creation
+@pytest.mark.parametrize("which", ["x", "q"])
+@pytest.mark.parametrize("kind", unsupported_kinds())
+def test_layouts_without_one_storage_are_refused_by_name(kind: str, which: str) -> None:
+    odd = unsupported_tensors()[kind]
+    dense = torch.zeros(4, 4)
+    x, q = (odd, dense) if which == "x" else (dense, odd)
+    given = "a nested tensor" if kind.startswith("nested") else "a quantized tensor" if kind == "quantized" else f"a tensor with layout {kind.split()[0]}"
+    message = (rf"^gradbridge::straight_through\(x, q\): {which} must be a dense strided tensor, so that there is one "
+               rf"storage to alias; got {re.escape(given)}\. Use x \+ \(q - x\)\.detach\(\) for it\.")  # fmt: skip
+    for call in (straight_through, torch.ops.gradbridge.straight_through):
+        with pytest.raises(NotImplementedError, match=message):
+            call(x, q)
+        with pytest.raises(NotImplementedError, match=message):
+            call(x, q, torch.tensor(0.5))
+
+
+def other_devices() -> list:
+    """(the tensor's device, a mask's other device): meta everywhere, CPU and CUDA where torch sees a GPU."""
+    cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+    return [("meta", "cpu"), pytest.param("cuda", "cpu", marks=cuda), pytest.param("cpu", "cuda", marks=cuda)]
+
+
+@pytest.mark.parametrize(("device", "mask_device"), other_devices())
+def test_a_mask_on_another_device_is_refused_at_the_call(device: str, mask_device: str) -> None:
+    x = torch.ones(2, 3, device=device, requires_grad=True)
+    q = torch.zeros(2, 3, device=device)
+    mask = torch.tensor([1.0, 0.0, 2.0], device=mask_device)
+    expected = rf"{{}}: a grad_scale tensor must be on {{}}'s device, {x.device}, or be a 0-dim CPU tensor; got a \[3\] tensor on {mask.device}$"
+    calls = {
+        ("bridge", "t"): [lambda: bridge(x, mask), lambda: torch.ops.gradbridge.bridge(x, mask), lambda: Bridge(grad_scale=mask)(x)],
+        ("straight_through", "x"): [lambda: straight_through(x, q, mask), lambda: torch.ops.gradbridge.straight_through(x, q, mask)],
+    }
+    for (op, name), entries in calls.items():
+        for call in entries:
+            with pytest.raises(ValueError, match=expected.format(f"^gradbridge::{op}", name)):
+                call()
+    # A 0-dim CPU scale is read on the host by any device's multiply: still accepted.
+    scale = torch.tensor(-2.0)
+    assert bridge(x, scale).requires_grad and straight_through(x, q, scale).requires_grad
+
+
+@pytest.mark.parametrize("mask", [torch.tensor([1.0, 0.0, 2.0]), torch.tensor([True, False, True])], ids=["float", "bool"])
+def test_a_mask_passes_through_torch_function_modes_and_subclasses(mask: Tensor) -> None:
+    class Tagged(Tensor):
+        pass
+
+    expected = [mask.float().tolist()] * 2
+    for enter, wrap in ((lambda: torch.device("cpu"), lambda t: t), (contextlib.nullcontext, lambda t: t.as_subclass(Tagged))):
+        x = torch.ones(2, 3, requires_grad=True)
+        with enter():
+            result = straight_through(wrap(x), torch.zeros(2, 3), mask)
+        result.sum().backward()
+        assert x.grad.tolist() == expected
