@@ -33,7 +33,7 @@ from measure import (
 )  # fmt: skip
 from progress import Progress, duration
 from report import check_bars, report
-from ste import DTYPES as STE_DTYPES, bench_straight_through
+from ste import COMPILED_DTYPES as STE_COMPILED_DTYPES, DTYPES as STE_DTYPES, bench_straight_through
 from training import CUTS, MODES, bench_training, step_seconds
 
 RESULTS = Path(__file__).resolve().parent / "results"  # committed: what the README shows
@@ -133,10 +133,12 @@ def estimate(device: str, sizes: list[int], config: Config, sections: list[str])
         "attached": config.repeats * ATTACHED_LAYERS * (4 * block + BACKWARD_FILLS * ends * per_byte)
                     + ATTACHED_LAYERS * 4 * 2 * config.block_s + INPUT_FILLS * ends * per_byte,
         # Unmeasured guesses: the trick's two fills, twice a block per spelling, each input made
-        # twice; a BitLinear step as about 3 of the probed steps (bf16 on CPU is slower still).
-        "straight_through": config.repeats * sum(5 * block + 2 * 2 * nbytes * per_byte for nbytes in sizes)
+        # twice; a BitLinear step as about 3 of the probed steps (bf16 on CPU is slower still);
+        # compiling the two models and the three pairs, a minute; three pairs' blocks.
+        "straight_through": config.repeats * sum(8 * block + 2 * 2 * nbytes * per_byte for nbytes in sizes)
                             + 2 * INPUT_FILLS * sum(sizes) * per_byte
-                            + len(STE_DTYPES) * 2 * (config.train_steps + 2) * 3 * step_s,
+                            + (len(STE_DTYPES) + len(STE_COMPILED_DTYPES)) * 2 * (config.train_steps + 2) * 3 * step_s
+                            + 60,
     }  # fmt: skip
     return {section: seconds[section] for section in sections}
 

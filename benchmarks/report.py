@@ -121,17 +121,26 @@ def straight_through_bars(device: str, results: dict) -> list[dict]:
                                 for s in sizes) + " (sizes ascending; decided on their 95% intervals)",
         "holds": None if quick else all_of([decide(*flat, 0.9, 1.1)] + [decide(*i, 0, 1.5) for i in to_ref.values()]),
     })  # fmt: skip
-    steps = {(r["dtype"], r["method"]): r["step_ms_samples"] for r in ste["step"]}
-    dtypes = list(dict.fromkeys(r["dtype"] for r in ste["step"]))
+    # Eager: faster only where noise cannot carry the ratio up to 1.
+    bars.append(step_bar("straight_through training step faster than the trick's", ste["step"], quick,
+                         lambda lo, hi: decide(lo, hi, 0, 1 - 1e-9)))  # fmt: skip
+    if "compiled_step" in ste:  # compiled, where inductor fuses the trick: slower only where noise cannot explain it
+        bars.append(step_bar("compiled straight_through training step no slower than the compiled trick's "
+                             "beyond noise", ste["compiled_step"], quick, lambda lo, hi: lo <= 1))  # fmt: skip
+    return bars
+
+
+def step_bar(bar: str, rows: list[dict], quick: bool, verdict) -> dict:  # type: ignore[no-untyped-def]
+    """A bar on straight_through's step time against the trick's, per dtype, decided on the 95% intervals."""
+    steps = {(r["dtype"], r["method"]): r["step_ms_samples"] for r in rows}
+    dtypes = list(dict.fromkeys(r["dtype"] for r in rows))
     intervals = {d: ratio_interval(steps[(d, "straight_through")], steps[(d, "trick")]) for d in dtypes}
-    bars.append({
-        "bar": "straight_through training step faster than the trick's, " + " and ".join(dtypes),
+    return {
+        "bar": f"{bar}, " + " and ".join(dtypes),
         "measured": ", ".join(f"{d} {paired_ratio(steps[(d, 'straight_through')], steps[(d, 'trick')]):.3f} "
                               f"[{lo:.3f}, {hi:.3f}]" for d, (lo, hi) in intervals.items()) + " (95% interval)",
-        # Faster only where noise cannot carry the ratio up to 1.
-        "holds": None if quick else all_of([decide(lo, hi, 0, 1 - 1e-9) for lo, hi in intervals.values()]),
-    })  # fmt: skip
-    return bars
+        "holds": None if quick else all_of([verdict(lo, hi) for lo, hi in intervals.values()]),
+    }  # fmt: skip
 
 
 def straight_through_tables(results: dict) -> list[str]:
@@ -143,6 +152,8 @@ def straight_through_tables(results: dict) -> list[str]:
     exact = {(r["quantizer"], r["dtype"], r["method"]): r["share_differ"] for r in ste["exactness"]}
     quantizers = list(dict.fromkeys(r["quantizer"] for r in ste["exactness"]))
     dtypes = list(dict.fromkeys(r["dtype"] for r in ste["exactness"]))
+    pairs = {(r["size_bytes"], r["method"]): r for r in ste.get("compiled_pair", [])}
+    pair_names = list(dict.fromkeys(m for _, m in pairs))
     return [
         "\n### Straight-through per call, x requires grad (median, and ratio to bridge(t, -1.0))\n",
         PER_REPEAT.format("bridge(t, -1.0)") + "\n",
@@ -155,14 +166,26 @@ def straight_through_tables(results: dict) -> list[str]:
         f"\n### BitNet-style MLP training step ({cfg['depth']} BitLinear layers of {cfg['width']}, batch "
         f"{cfg['batch']}, {cfg['train_steps']} steps; median, and ratio to the trick)\n",
         PER_STEP.replace("detach", "the trick") + "\n",
-        table(["dtype", "method", "step time", "peak memory", "final loss"],
-              [[r["dtype"], r["method"], f"{r['step_ms_median']:.2f} ms ({r['ratio_to_trick']:.3f})",
-                f"{r['peak_bytes'] / 2**20:.1f} MiB ({r['peak_ratio_to_trick']:.3f})", f"{r['final_loss']:.6f}"]
-               for r in ste["step"]]),
+        step_table(ste["step"]),
+        *([f"\n### The same step compiled (torch.compile, inductor, fullgraph; median, and ratio to the compiled trick)\n",
+           PER_STEP.replace("detach", "the compiled trick") + "\n", step_table(ste["compiled_step"])]
+          if "compiled_step" in ste else []),
+        *(["\n### Compiled, the estimate returned beside q (forward per call; median, and ratio to the trick)\n",
+            PER_REPEAT.format("the compiled trick") + "\n",
+            table(["size", *pair_names], [[format_size(s)] + [
+                f"{format_ns(pairs[(s, m)]['median_ns'])} ({pairs[(s, m)]['ratio_to_trick']:.2f})" for m in pair_names]
+                for s in sorted({size for size, _ in pairs})])] if pairs else []),
         "\n### Straight-through exactness: share of the result's elements that differ from q (trick / ours)\n",
         table(["quantizer", *dtypes], [[k] + [f"{exact[(k, d, 'trick')]:.4f} / {exact[(k, d, 'straight_through')]:.4f}"
                                               for d in dtypes] for k in quantizers]),
     ]  # fmt: skip
+
+
+def step_table(rows: list[dict]) -> str:
+    return table(["dtype", "method", "step time", "peak memory", "final loss"],
+                 [[r["dtype"], r["method"], f"{r['step_ms_median']:.2f} ms ({r['ratio_to_trick']:.3f})",
+                   f"{r['peak_bytes'] / 2**20:.1f} MiB ({r['peak_ratio_to_trick']:.3f})", f"{r['final_loss']:.6f}"]
+                  for r in rows])  # fmt: skip
 
 
 def table(header: list[str], rows: list[list[str]]) -> str:

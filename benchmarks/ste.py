@@ -28,6 +28,7 @@ REFERENCE = "bridge(t, -1.0)"  # the bar's reference: our other op that records 
 OURS = "straight_through"
 TRICK = "trick"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # the training step's
+COMPILED_DTYPES = {"float32": torch.float32}  # the compiled training step's (see bench_step)
 EXACT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -87,11 +88,18 @@ def bench_per_call(device: str, sizes: list[int], config: Config, step: Step, no
     return rows, costs
 
 
-def bench_step(device: str, config: Config, step: Step) -> list[dict]:
-    """A BitNet-style MLP (config.depth BitLinear layers of config.width): one SGD step, trick vs ours."""
+def bench_step(device: str, config: Config, step: Step, compiled: bool = False) -> list[dict]:
+    """A BitNet-style MLP (config.depth BitLinear layers of config.width): one SGD step, trick vs ours.
+
+    compiled: both models under torch.compile (inductor, fullgraph), where the
+    trick's two kernels fuse and our result is a copy that inductor drops
+    (docs/stack.md); in float32 only, since a CPU without bf16 arithmetic
+    measures its matmuls, not the estimator.
+    """
     rows = []
     stes = {TRICK: trick, OURS: gradbridge_ext.straight_through}
-    for d, (dtype_name, dtype) in enumerate(DTYPES.items()):
+    dtypes = COMPILED_DTYPES if compiled else DTYPES
+    for d, (dtype_name, dtype) in enumerate(dtypes.items()):
         torch.manual_seed(0)
         x = torch.randn(config.batch, config.width, device=device, dtype=dtype)
         y = torch.randint(config.width, (config.batch,), device=device)
@@ -100,9 +108,10 @@ def bench_step(device: str, config: Config, step: Step) -> list[dict]:
             torch.manual_seed(0)  # the same weights for both
             models[name] = BitMLP(ste, (config.width,) * (config.depth + 1)).to(device, dtype)
         optimizers = {name: torch.optim.SGD(m.parameters(), lr=1e-2) for name, m in models.items()}
+        forwards = {name: torch.compile(m, fullgraph=True) if compiled else m for name, m in models.items()}
 
         def train_step(name: str) -> float:
-            loss = F.cross_entropy(models[name](x), y)
+            loss = F.cross_entropy(forwards[name](x), y)
             loss.backward()
             optimizers[name].step()
             optimizers[name].zero_grad(set_to_none=True)  # every step starts from parameters only
@@ -123,7 +132,7 @@ def bench_step(device: str, config: Config, step: Step) -> list[dict]:
                 times[name].append((time.perf_counter() - start) * 1e3)
                 if device == "cuda":
                     peaks[name] = max(peaks[name], torch.cuda.max_memory_allocated() - before)
-            step(d * config.train_steps + i + 1, len(DTYPES) * config.train_steps)
+            step(d * config.train_steps + i + 1, len(dtypes) * config.train_steps)
         if device == "cpu":  # as training.py: the CPU allocator's peak during one profiled step
             for name in stes:
                 peaks[name] = cpu_allocations(profiled(lambda: train_step(name), device))[1]
@@ -135,6 +144,37 @@ def bench_step(device: str, config: Config, step: Step) -> list[dict]:
                 "peak_bytes": peaks[name], "peak_ratio_to_trick": peaks[name] / max(1, peaks[TRICK]),
                 "final_loss": losses[name], "step_ms_samples": times[name],
             })  # fmt: skip
+    return rows
+
+
+def bench_compiled_pair(device: str, sizes: list[int], config: Config, step: Step) -> list[dict]:
+    """Compiled, the estimate returned beside q, as a VQ layer returns (z_st, z_q): forward time per call.
+
+    There our compiled result is a copy of q that inductor keeps (docs/stack.md),
+    where the trick computes x + (q - x); "q, q" is the floor: the pair with no
+    estimator at all. q is made inside the compiled function, as a quantizer makes it;
+    each compiled for dynamic shapes, so that one graph serves every size.
+    """
+    pairs = {
+        TRICK: lambda x: (lambda q: (trick(x, q), q))(x.detach().round()),
+        OURS: lambda x: (lambda q: (gradbridge_ext.straight_through(x, q), q))(x.detach().round()),
+        "q, q": lambda x: (lambda q: (q, q))(x.detach().round()),
+    }
+    timers = {}
+    for nbytes in sizes:
+        x = make_input(nbytes, True, device)
+        for name, pair in pairs.items():
+            compiled = torch.compile(pair, fullgraph=True, dynamic=True)  # one graph for every size
+            compiled(x)  # compiles here, not in a timed block
+            timers[(nbytes, name)] = timeit.Timer(lambda compiled=compiled, x=x: compiled(x))
+    samples, numbers = time_interleaved(timers, [(s,) for s in sizes], list(pairs), device, config, step)
+    rows = []
+    for (nbytes, name), ns in samples.items():
+        q1, median, q3 = quartiles(ns)
+        rows.append({
+            "size_bytes": nbytes, "method": name, "median_ns": median, "q1_ns": q1, "q3_ns": q3,
+            "ratio_to_trick": paired_ratio(ns, samples[(nbytes, TRICK)]), "samples_ns": ns,
+        })  # fmt: skip
     return rows
 
 
@@ -178,4 +218,6 @@ def bench_exactness(device: str) -> list[dict]:
 def bench_straight_through(device: str, sizes: list[int], config: Config, step: Step, note: Callable[[str], None]) -> dict:
     per_call, forward = bench_per_call(device, sizes, config, step, note)
     return {"per_call": per_call, "forward": forward, "step": bench_step(device, config, step),
+            "compiled_step": bench_step(device, config, step, compiled=True),
+            "compiled_pair": bench_compiled_pair(device, sizes, config, step),
             "exactness": bench_exactness(device)}  # fmt: skip
