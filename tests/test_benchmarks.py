@@ -50,7 +50,7 @@ def test_quick_run_covers_every_method_size_and_mode(quick_run: dict) -> None:
     }
     assert [b["bar"] for b in quick_run["bars"]] and "errors" not in quick_run
     # A --quick run decides what it counts (bytes), not what it times.
-    assert [b["holds"] for b in quick_run["bars"]] == [None, None, True, None, True, None, None]
+    assert [b["holds"] for b in quick_run["bars"]] == [None, None, True, None, True, None, None, None]
     assert quick_run["environment"]["torch"]
 
 
@@ -75,6 +75,10 @@ def test_straight_through_section_is_exact_and_allocates_nothing(quick_run: dict
     assert {(r["dtype"], r["method"]) for r in ste["step"]} == {
         (d, m) for d in ("float32", "bfloat16") for m in ("trick", "straight_through")
     }
+    assert {(r["dtype"], r["method"]) for r in ste["compiled_step"]} == {("float32", "trick"), ("float32", "straight_through")}
+    assert {(r["size_bytes"], r["method"]) for r in ste["compiled_pair"]} == {
+        (s, m) for s in (4, 65536) for m in ("trick", "straight_through", "q, q")
+    }  # fmt: skip
     exact = {(r["quantizer"], r["dtype"], r["method"]): r["share_differ"] for r in ste["exactness"]}
     assert all(v == 0 for (_, _, m), v in exact.items() if m == "straight_through")
     assert exact[("VQ lookup", "bfloat16", "trick")] > 0  # what the table is there to show
