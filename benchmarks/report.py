@@ -336,6 +336,8 @@ def straight_through_headline(results: dict) -> str:
     small, large = sizes[0], sizes[-1]
     allocated = max(r["allocated_bytes"] for r in ste["forward"] if r["method"] == "straight_through")
     steps = ", ".join(f"{r['ratio_to_trick']:.2f} in {r['dtype']}" for r in ste["step"] if r["method"] == "straight_through")
+    compiled = ", ".join(f"{r['ratio_to_trick']:.2f} in {r['dtype']}" for r in ste.get("compiled_step", [])
+                         if r["method"] == "straight_through")  # fmt: skip
     worst = max(ste["exactness"], key=lambda r: r["share_differ"] if r["method"] == "trick" else -1)
     ours_off = max(r["share_differ"] for r in ste["exactness"] if r["method"] == "straight_through")
 
@@ -345,7 +347,9 @@ def straight_through_headline(results: dict) -> str:
     return (
         f"Straight-through, {results['environment']['device']}: `straight_through(x, q)` takes {at('straight_through')} "
         f"(the trick `x + (q - x).detach()` {at('trick')}) and allocates {allocated} bytes; a BitNet-style "
-        f"training step takes {steps} of the trick's time; {ours_off:.0%} of its elements differ from `q`, "
+        f"training step takes {steps} of the trick's time"
+        + (f" ({compiled} of the compiled trick's, compiled with inductor)" if compiled else "")
+        + f"; {ours_off:.0%} of its elements differ from `q`, "
         f"against up to {worst['share_differ']:.1%} of the trick's ({worst['quantizer']}, {worst['dtype']})."
     )
 
