@@ -77,15 +77,20 @@ def bench_per_call(device: str, sizes: list[int], config: Config, step: Step, no
             fn()  # warm-up, so no first-call allocation lands in the measurement
             costs.append({"size_bytes": nbytes, "method": name, **call_cost(fn, device)})
     samples, numbers = time_interleaved(timers, [(s,) for s in sizes], list(stmts), device, config, step)
+    return rows_per_size(samples, numbers, REFERENCE, "ratio_to_bridge"), costs
+
+
+def rows_per_size(samples: dict[tuple, list[float]], numbers: dict[tuple, int], reference: str, ratio: str) -> list[dict]:
+    """A row per (size, method) timed by time_interleaved: quartiles, and the paired ratio to ``reference``."""
     rows = []
     for (nbytes, name), ns in samples.items():
         q1, median, q3 = quartiles(ns)
         rows.append({
             "size_bytes": nbytes, "method": name, "median_ns": median, "q1_ns": q1, "q3_ns": q3,
-            "ratio_to_bridge": paired_ratio(ns, samples[(nbytes, REFERENCE)]),
+            ratio: paired_ratio(ns, samples[(nbytes, reference)]),
             "calls_per_repeat": numbers[(nbytes, name)], "samples_ns": ns,
         })  # fmt: skip
-    return rows, costs
+    return rows
 
 
 def bench_step(device: str, config: Config, step: Step, compiled: bool = False) -> list[dict]:
@@ -168,14 +173,7 @@ def bench_compiled_pair(device: str, sizes: list[int], config: Config, step: Ste
             compiled(x)  # compiles here, not in a timed block
             timers[(nbytes, name)] = timeit.Timer(lambda compiled=compiled, x=x: compiled(x))
     samples, numbers = time_interleaved(timers, [(s,) for s in sizes], list(pairs), device, config, step)
-    rows = []
-    for (nbytes, name), ns in samples.items():
-        q1, median, q3 = quartiles(ns)
-        rows.append({
-            "size_bytes": nbytes, "method": name, "median_ns": median, "q1_ns": q1, "q3_ns": q3,
-            "ratio_to_trick": paired_ratio(ns, samples[(nbytes, TRICK)]), "samples_ns": ns,
-        })  # fmt: skip
-    return rows
+    return rows_per_size(samples, numbers, TRICK, "ratio_to_trick")
 
 
 def quantized_pairs(device: str, dtype: torch.dtype) -> dict[str, tuple[Tensor, Tensor]]:
