@@ -75,9 +75,9 @@ attach=True)``                    zeros)                 e.g. DDP with
                                                          =False``
 ==================  ===========  =====================  ==========================
 
-``grad_scale`` may also be a floating (or bool) tensor, on any device: 0-dim, or
-a mask of any shape that broadcasts to ``t``'s (``bridge(emb.weight,
-new_rows[:, None])`` trains only the new rows of an embedding). It is saved for
+``grad_scale`` may also be a floating (or bool) tensor on ``t``'s device: 0-dim
+(or 0-dim on the CPU), or a mask of any shape that broadcasts to ``t``'s
+(``bridge(emb.weight, new_rows[:, None])`` trains only the new rows of an embedding). It is saved for
 the backward like any input (change it in place between steps, not between
 forward and backward), always multiplies, and gets no gradient itself.
 A number ``grad_scale`` must be finite (not a bool); ``attach=None`` means
@@ -124,8 +124,8 @@ the gradient, ``q`` (its quantized, rounded or one-hot form) gives the values.
 ``x`` and ``q`` must have the same shape (no broadcasting: the result is ``q``)
 and device, and both be floating (or both complex); their dtypes may differ: the
 result has ``q``'s, and the gradient reaches ``x`` in ``x``'s. ``grad_scale`` is a
-finite number, or a floating (or bool) tensor that broadcasts to ``x``'s shape,
-saved for the backward. The result is recorded in the graph when ``x`` requires
+finite number, or a floating (or bool) tensor on ``x``'s device (or 0-dim on the
+CPU) that broadcasts to ``x``'s shape, saved for the backward. The result is recorded in the graph when ``x`` requires
 grad (grad mode on): then it is a custom Function's view of ``q``, so an in-place
 op on it raises autograd's "is a view and is being modified inplace" instead of
 silently writing ``q``. It always shares ``q``'s version counter. Otherwise (``x``
