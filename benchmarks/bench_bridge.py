@@ -31,6 +31,7 @@ import torch
 from measure import (
     CONFIGS, METHODS, Config, bench_attached, bench_latency, bench_memory, parse_size, synchronize,
 )  # fmt: skip
+from plugged import bench_test_device
 from progress import Progress, duration
 from report import check_bars, report
 from ste import COMPILED_DTYPES as STE_COMPILED_DTYPES, DTYPES as STE_DTYPES, bench_straight_through
@@ -38,7 +39,7 @@ from training import CUTS, MODES, bench_training, step_seconds
 
 RESULTS = Path(__file__).resolve().parent / "results"  # committed: what the README shows
 LOCAL = RESULTS / "local"  # ignored by git: where a run writes unless told otherwise
-SECTIONS = ("latency", "memory", "training", "attached", "straight_through")
+SECTIONS = ("latency", "memory", "training", "attached", "straight_through", "test_device")
 SIZES = {
     "cpu": "4B,64B,1KB,16KB,256KB,4MB,64MB,256MB",
     "cuda": "4B,64B,1KB,16KB,256KB,4MB,64MB,256MB,1GB",
@@ -139,8 +140,15 @@ def estimate(device: str, sizes: list[int], config: Config, sections: list[str])
                             + 2 * INPUT_FILLS * sum(sizes) * per_byte
                             + (len(STE_DTYPES) + len(STE_COMPILED_DTYPES)) * 2 * (config.train_steps + 2) * 3 * step_s
                             + 60,
+        # Building the test device, half a minute; three methods at two sizes.
+        "test_device": 30 + config.repeats * 2 * 3 * block + 2 * config.block_s * 6,
     }  # fmt: skip
-    return {section: seconds[section] for section in sections}
+    return {section: seconds[section] for section in sections if section in sections_for(device)}
+
+
+def sections_for(device: str) -> tuple[str, ...]:
+    """The test device is host memory: measured once, beside the CPU."""
+    return SECTIONS if device == "cpu" else tuple(s for s in SECTIONS if s != "test_device")
 
 
 def run_device(device: str, args: argparse.Namespace, sections: list[str], progress: Progress) -> dict:
@@ -155,8 +163,9 @@ def run_device(device: str, args: argparse.Namespace, sections: list[str], progr
         "training": lambda: bench_training(device, config, progress.step),
         "attached": lambda: bench_attached(device, sizes, config, progress.step, progress.note),
         "straight_through": lambda: bench_straight_through(device, sizes, config, progress.step, progress.note),
+        "test_device": lambda: bench_test_device(sizes, config, progress.step),
     }
-    for section in sections:
+    for section in (s for s in sections if s in sections_for(device)):
         progress.begin(f"{device} {section}")
         try:
             results[section] = runs[section]()

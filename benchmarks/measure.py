@@ -180,6 +180,19 @@ def time_interleaved(
     return samples, numbers
 
 
+def rows_per_size(samples: dict[tuple, list[float]], numbers: dict[tuple, int], reference: str, ratio: str) -> list[dict]:
+    """A row per (size, method) timed by time_interleaved: quartiles, and the paired ratio to ``reference``."""
+    rows = []
+    for (nbytes, name), ns in samples.items():
+        q1, median, q3 = quartiles(ns)
+        rows.append({
+            "size_bytes": nbytes, "method": name, "median_ns": median, "q1_ns": q1, "q3_ns": q3,
+            ratio: paired_ratio(ns, samples[(nbytes, reference)]),
+            "calls_per_repeat": numbers[(nbytes, name)], "samples_ns": ns,
+        })  # fmt: skip
+    return rows
+
+
 def bench_latency(device: str, sizes: list[int], config: Config, step: Step) -> list[dict]:
     cases = [(nbytes, requires_grad) for nbytes in sizes for requires_grad in (True, False)]
     timers = {}

@@ -300,6 +300,18 @@ def report(results: dict) -> str:
         ]
     if results.get("straight_through"):
         parts += straight_through_tables(results)
+    if results.get("test_device"):
+        rows = {(r["size_bytes"], r["method"]): r for r in results["test_device"]}
+        names = list(dict.fromkeys(m for _, m in rows))
+        parts += [
+            "\n### Per call on the test device (tests/testdev: an out-of-tree PrivateUse1 backend over host "
+            "memory), input requires grad (median, and ratio to detach)\n",
+            PER_REPEAT.format("detach") + " No bar: it shows that the device-generic path costs what "
+            "detach() costs on a device plugged in from outside torch.\n",
+            table(["size", *names], [[format_size(size)] + [
+                f"{format_ns(rows[(size, m)]['median_ns'])} ({rows[(size, m)]['ratio_to_detach']:.2f})" for m in names]
+                for size in sorted({size for size, _ in rows})]),
+        ]  # fmt: skip
     if results.get("bars"):
         quick = " (a --quick run: too few repeats to decide the timed ones)" if results.get("quick") else ""
         parts += [f"\n### Bars{quick}\n", bars_table(results)]

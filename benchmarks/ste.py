@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import gradbridge_ext
-from measure import Config, Step, call_cost, cpu_allocations, make_input, paired_ratio, profiled, quartiles
+from measure import Config, Step, call_cost, cpu_allocations, make_input, paired_ratio, profiled, quartiles, rows_per_size
 from measure import synchronize, time_interleaved
 
 # examples/ is on sys.path (training.py puts it there): the quantizers and model are defined once.
@@ -78,19 +78,6 @@ def bench_per_call(device: str, sizes: list[int], config: Config, step: Step, no
             costs.append({"size_bytes": nbytes, "method": name, **call_cost(fn, device)})
     samples, numbers = time_interleaved(timers, [(s,) for s in sizes], list(stmts), device, config, step)
     return rows_per_size(samples, numbers, REFERENCE, "ratio_to_bridge"), costs
-
-
-def rows_per_size(samples: dict[tuple, list[float]], numbers: dict[tuple, int], reference: str, ratio: str) -> list[dict]:
-    """A row per (size, method) timed by time_interleaved: quartiles, and the paired ratio to ``reference``."""
-    rows = []
-    for (nbytes, name), ns in samples.items():
-        q1, median, q3 = quartiles(ns)
-        rows.append({
-            "size_bytes": nbytes, "method": name, "median_ns": median, "q1_ns": q1, "q3_ns": q3,
-            ratio: paired_ratio(ns, samples[(nbytes, reference)]),
-            "calls_per_repeat": numbers[(nbytes, name)], "samples_ns": ns,
-        })  # fmt: skip
-    return rows
 
 
 def bench_step(device: str, config: Config, step: Step, compiled: bool = False) -> list[dict]:

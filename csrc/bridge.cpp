@@ -132,8 +132,6 @@ const char* layout_name(at::Layout layout) {
   }
 }
 
-// torch.ops passes None for a Tensor argument as an undefined tensor, which
-// dispatches to bridge_unsupported, the CompositeExplicitAutograd kernel.
 void check_defined(const at::Tensor& t) {
   TORCH_CHECK(t.defined(), "gradbridge::bridge(t): expected a tensor, got None (an undefined tensor)");
 }
@@ -154,7 +152,9 @@ void check_strided(const char* call, const char* name, const at::Tensor& t, cons
       "is one storage to alias; got ", given, ". ", instead);
 }
 
-void check_strided(const at::Tensor& t) {
+// bridge's t: defined (torch.ops passes None as an undefined tensor) and strided.
+void check_dense(const at::Tensor& t) {
+  check_defined(t);
   check_strided("gradbridge::bridge(t)", "t", t, "Use t.detach() for it.");
 }
 
@@ -198,13 +198,16 @@ void check_straight_through(const at::Tensor& x, const at::Tensor& q, const at::
   check_scale_tensor("gradbridge::straight_through", grad_scale, x, "x");
 }
 
-// The forward is the same for every backward.
+// The forward is the same for every backward, and for every device: an alias
+// moves no data, so one kernel serves every dense backend (see the registration).
 at::Tensor bridge_kernel(const at::Tensor& t, double grad_scale, c10::optional<bool> attach) {
+  check_dense(t);
   return bridge_alias(t, /*attached=*/check_options(grad_scale, attach));
 }
 
 at::Tensor bridge_tensor_kernel(
     const at::Tensor& t, const at::Tensor& grad_scale, c10::optional<bool> attach) {
+  check_dense(t);
   check_options(t, grad_scale, attach);
   return bridge_alias(t, /*attached=*/true);
 }
@@ -215,32 +218,6 @@ template <class Scale>
 at::Tensor straight_through_kernel(const at::Tensor& x, const at::Tensor& q, Scale grad_scale) {
   check_straight_through(x, q, grad_scale);
   return bridge_alias(q, /*attached=*/true);
-}
-
-// Backends without a bridge_alias registration land here: the layouts above
-// when called as torch.ops.gradbridge.bridge, and strided tensors on devices we
-// have not tested.
-at::Tensor bridge_unsupported(const at::Tensor& t) {
-  check_defined(t);
-  check_strided(t);
-  TORCH_CHECK_NOT_IMPLEMENTED(
-      false,
-      "gradbridge::bridge(t): kernels exist for CPU, CUDA and meta tensors; "
-      "got a tensor on device '", t.device(), "'.");
-}
-
-at::Tensor bridge_unsupported_scalar(const at::Tensor& t, double, c10::optional<bool>) {
-  return bridge_unsupported(t);
-}
-
-at::Tensor bridge_unsupported_tensor(const at::Tensor& t, const at::Tensor&, c10::optional<bool>) {
-  return bridge_unsupported(t);
-}
-
-template <class Scale>
-at::Tensor straight_through_unsupported(const at::Tensor& x, const at::Tensor& q, Scale) {
-  check_straight_through(x, q);
-  return bridge_unsupported(q);
 }
 
 using BridgeSignature = at::Tensor(const at::Tensor&, double, c10::optional<bool>);
@@ -501,13 +478,12 @@ at::Tensor bridge(const at::Tensor& t, double grad_scale, c10::optional<bool> at
   }
   // Checked before dispatch too, so that tensor subclasses which answer ops in
   // Python (jagged nested tensors) are refused with the same message.
-  check_strided(t);
+  check_dense(t);
   return bridge_op().call(t, grad_scale, attach);
 }
 
 at::Tensor bridge(const at::Tensor& t, const at::Tensor& grad_scale, c10::optional<bool> attach) {
-  check_defined(t);
-  check_strided(t);
+  check_dense(t);
   return bridge_tensor_op().call(t, grad_scale, attach);
 }
 
@@ -533,28 +509,25 @@ bool is_strict() {
 // rules between grad_scale and attach are check_options', straight_through's
 // are check_straight_through's.
 //
-// Kernels, one list per kernel. The alias moves no data, so one device-generic
-// forward serves CPU, CUDA and Meta (shape-only tracing); other backends and
-// layouts, which CompositeExplicitAutograd and the nested keys catch, get a
-// clear error; the autograd kernel builds the family of backwards.
+// One device-generic forward, registered as aten::alias and aten::detach are
+// (CompositeExplicitAutograd): every dense backend, built in or out of tree
+// (MPS, XPU, HPU, HIP through the CUDA key, PrivateUse1), and Meta get it, with
+// no code of ours per device. It refuses the layouts with no one strided
+// storage (sparse, quantized and mkldnn keys reach it too; nested tensors have
+// keys of their own). The autograd kernel builds the family of backwards for
+// any device.
 TORCH_LIBRARY(gradbridge, m) {
   m.def("bridge(Tensor(a) t, float grad_scale=0., bool? attach=None) -> Tensor(a)");
   m.def("bridge.Tensor(Tensor(a) t, Tensor grad_scale, bool? attach=None) -> Tensor(a)");
   m.def("straight_through(Tensor x, Tensor(a) q, float grad_scale=1.) -> Tensor(a)");
   m.def("straight_through.Tensor(Tensor x, Tensor(a) q, Tensor grad_scale) -> Tensor(a)");
   using c10::DispatchKey;
-  for (auto key : {DispatchKey::CPU, DispatchKey::CUDA, DispatchKey::Meta}) {
+  for (auto key : {DispatchKey::CompositeExplicitAutograd, DispatchKey::NestedTensorCPU,
+                   DispatchKey::NestedTensorCUDA}) {
     m.impl("bridge", torch::dispatch(key, TORCH_FN(bridge_kernel)));
     m.impl("bridge.Tensor", torch::dispatch(key, TORCH_FN(bridge_tensor_kernel)));
     m.impl("straight_through", torch::dispatch(key, TORCH_FN(straight_through_kernel<double>)));
     m.impl("straight_through.Tensor", torch::dispatch(key, TORCH_FN(straight_through_kernel<const at::Tensor&>)));
-  }
-  for (auto key : {DispatchKey::CompositeExplicitAutograd, DispatchKey::NestedTensorCPU,
-                   DispatchKey::NestedTensorCUDA}) {
-    m.impl("bridge", torch::dispatch(key, TORCH_FN(bridge_unsupported_scalar)));
-    m.impl("bridge.Tensor", torch::dispatch(key, TORCH_FN(bridge_unsupported_tensor)));
-    m.impl("straight_through", torch::dispatch(key, TORCH_FN(straight_through_unsupported<double>)));
-    m.impl("straight_through.Tensor", torch::dispatch(key, TORCH_FN(straight_through_unsupported<const at::Tensor&>)));
   }
   m.impl("bridge", torch::dispatch(DispatchKey::Autograd, TORCH_FN(bridge_autograd)));
   m.impl("bridge.Tensor", torch::dispatch(DispatchKey::Autograd, TORCH_FN(bridge_tensor_autograd)));

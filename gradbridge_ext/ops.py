@@ -86,7 +86,8 @@ A number ``grad_scale`` must be finite (not a bool); ``attach=None`` means
 backward, like any op's output, and refuses forward-mode AD (its backward is
 not a derivative of its forward); a cut drops the tangent, as ``detach()`` does.
 
-Accepts dense strided tensors on CPU, CUDA and meta, of every dtype; raises
+Accepts dense strided tensors of every dtype on every device (one
+device-generic kernel: CPU, CUDA, meta and out-of-tree backends alike); raises
 ``TypeError`` for non-tensors and ``NotImplementedError`` for sparse, nested,
 quantized and mkldnn tensors.
 

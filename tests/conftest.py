@@ -1,5 +1,6 @@
 import faulthandler
 import os
+import shutil
 import socket
 import sys
 import time
@@ -35,6 +36,17 @@ def one_thread() -> Iterator[None]:
 @pytest.fixture(params=DEVICES)
 def device(request: pytest.FixtureRequest) -> str:
     return request.param
+
+
+@pytest.fixture(scope="session")
+def test_device(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A device torch does not ship (tests/testdev): an out-of-tree backend over host memory, built once a session."""
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        pytest.skip(f"the test device is compiled on first use, and there is no C++ compiler ({compiler}) on PATH")
+    import testdev
+
+    return testdev.load(tmp_path_factory.mktemp("testdev"))
 
 
 # The one place a test asks which torch it runs on (gradbridge_ext.TESTED_TORCH
