@@ -87,9 +87,16 @@ std::string shape_string(at::IntArrayRef shape) {
 // always attaches. It lives on the device of the tensor it scales (`name`),
 // or is a 0-dim CPU tensor, which any device's multiply reads on the host:
 // a mask elsewhere would fail only in the backward, far from the mistake.
+bool is_dense(const at::Tensor& t);
+std::string layout_description(const at::Tensor& t);
+
 void check_scale_tensor(const char* op, const at::Tensor& grad_scale, const at::Tensor& t, const char* name) {
   TORCH_CHECK_TYPE(
       grad_scale.defined(), op, ": grad_scale must be a number or a tensor, got None");
+  // Before any size is read: a nested tensor has none to read.
+  TORCH_CHECK_VALUE(
+      is_dense(grad_scale), op, ": a grad_scale tensor must be a dense strided tensor, got ",
+      layout_description(grad_scale));
   const auto shape = t.sizes();
   bool broadcasts = grad_scale.dim() <= static_cast<int64_t>(shape.size());
   for (int64_t i = 1; broadcasts && i <= grad_scale.dim(); ++i) {
@@ -139,17 +146,21 @@ void check_defined(const at::Tensor& t) {
 // Sparse, nested, quantized and mkldnn tensors have no one strided storage for
 // an alias to share; say so by name rather than failing somewhere deeper (a
 // nested tensor's sizes() is an internal error).
+bool is_dense(const at::Tensor& t) {
+  return t.layout() == at::kStrided && !t.is_nested() && !t.is_quantized();
+}
+
+// "a nested tensor", "a tensor with layout torch.sparse_coo", ...
+std::string layout_description(const at::Tensor& t) {
+  return t.is_nested() ? "a nested tensor"
+      : t.is_quantized() ? "a quantized tensor"
+                         : std::string("a tensor with layout ") + layout_name(t.layout());
+}
+
 void check_strided(const char* call, const char* name, const at::Tensor& t, const char* instead) {
-  if (t.layout() == at::kStrided && !t.is_nested() && !t.is_quantized()) {
-    return;
-  }
-  std::string given = t.is_nested() ? "a nested tensor"
-      : t.is_quantized()            ? "a quantized tensor"
-                                    : std::string("a tensor with layout ") +
-          layout_name(t.layout());
   TORCH_CHECK_NOT_IMPLEMENTED(
-      false, call, ": ", name, " must be a dense strided tensor, so that there "
-      "is one storage to alias; got ", given, ". ", instead);
+      is_dense(t), call, ": ", name, " must be a dense strided tensor, so that there "
+      "is one storage to alias; got ", layout_description(t), ". ", instead);
 }
 
 // bridge's t: defined (torch.ops passes None as an undefined tensor) and strided.

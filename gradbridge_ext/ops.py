@@ -346,9 +346,10 @@ class Bridge(nn.Module):
     def __init__(self, grad_scale: float | Tensor = 0.0, *, attach: bool | None = None) -> None:
         super().__init__()
         with torch.enable_grad():  # the operator checks the options and says whether they attach
-            is_tensor = isinstance(grad_scale, Tensor)
-            probe = torch.empty(grad_scale.shape if is_tensor else (), device="meta", requires_grad=True)  # a mask fits its own shape
-            self.attach = bridge(probe, grad_scale.to("meta") if is_tensor else grad_scale, attach=attach).requires_grad
+            # A mask fits a probe of its own shape; the operator refuses one that is not dense.
+            dense = isinstance(grad_scale, Tensor) and _is_dense(grad_scale)
+            probe = torch.empty(grad_scale.shape if dense else (), device="meta", requires_grad=True)
+            self.attach = bridge(probe, grad_scale.to("meta") if dense else grad_scale, attach=attach).requires_grad
         if isinstance(grad_scale, Tensor):
             # A buffer, so it moves with the module; update it in place for a schedule.
             self.register_buffer("grad_scale", grad_scale)
@@ -455,8 +456,15 @@ class _StraightThrough(torch.autograd.Function):
         return (None if scaled is None else scaled.to(ctx.x_dtype)), None, None
 
 
+def _is_dense(t: Tensor) -> bool:
+    """csrc/bridge.cpp's is_dense: one strided storage, a plain shape."""
+    return t.layout == torch.strided and not t.is_nested and not t.is_quantized
+
+
 def _check_scale_tensor(function: str, grad_scale: Tensor, t: Tensor, name: str) -> None:
     """csrc/bridge.cpp's check_scale_tensor, for the compile stand-ins."""
+    if not _is_dense(grad_scale):
+        raise ValueError(f"gradbridge::{function}: a grad_scale tensor must be a dense strided tensor, got one with layout {grad_scale.layout}")
     shape = t.shape
     broadcasts = grad_scale.dim() <= len(shape) and all(
         size == 1 or size == shape[i - grad_scale.dim()] for i, size in enumerate(grad_scale.shape)

@@ -38,15 +38,31 @@ def device(request: pytest.FixtureRequest) -> str:
     return request.param
 
 
-@pytest.fixture(scope="session")
-def test_device(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A device torch does not ship (tests/testdev): an out-of-tree backend over host memory, built once a session."""
+# The test device (tests/testdev), or why there is none: loaded by pytest_collection_modifyitems.
+TEST_DEVICE: dict[str, str] = {}
+
+
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
+    # NB: torch's autograd engine makes its per-device queues at its first backward, for the
+    # devices registered by then, and asserts on a device added later. Real plug-in backends
+    # are imported first; the test device is loaded after collection, before any test runs.
+    if TEST_DEVICE or not any("test_device" in getattr(item, "fixturenames", ()) for item in items):
+        return
     compiler = os.environ.get("CXX", "c++")
     if shutil.which(compiler) is None:
-        pytest.skip(f"the test device is compiled on first use, and there is no C++ compiler ({compiler}) on PATH")
+        TEST_DEVICE["skip"] = f"the test device is compiled here, and there is no C++ compiler ({compiler}) on PATH"
+        return
     import testdev
 
-    return testdev.load(tmp_path_factory.mktemp("testdev"))
+    TEST_DEVICE["name"] = testdev.load(session.config._tmp_path_factory.mktemp("testdev"))  # type: ignore[attr-defined]
+
+
+@pytest.fixture(scope="session")
+def test_device() -> str:
+    """A device torch does not ship (tests/testdev): an out-of-tree backend over host memory, built once a session."""
+    if "skip" in TEST_DEVICE:
+        pytest.skip(TEST_DEVICE["skip"])
+    return TEST_DEVICE["name"]
 
 
 # The one place a test asks which torch it runs on (gradbridge_ext.TESTED_TORCH

@@ -408,3 +408,16 @@ def test_a_mask_passes_through_torch_function_modes_and_subclasses(mask: Tensor)
             result = straight_through(wrap(x), torch.zeros(2, 3), mask)
         result.sum().backward()
         assert x.grad.tolist() == expected
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # quantized and nested tensors warn on creation
+@pytest.mark.parametrize("kind", unsupported_kinds())
+def test_a_grad_scale_with_no_plain_shape_or_storage_is_refused_by_name(kind: str) -> None:
+    scale = unsupported_tensors()[kind]
+    t = torch.ones(4, 4, requires_grad=True)
+    calls = {"bridge": [lambda: bridge(t, scale), lambda: Bridge(grad_scale=scale)],
+             "straight_through": [lambda: straight_through(t, t.detach(), scale)]}  # fmt: skip
+    for op, entries in calls.items():
+        for call in entries:
+            with pytest.raises(ValueError, match=rf"^gradbridge::{op}: a grad_scale tensor must be a dense strided tensor, got a "):
+                call()

@@ -32,5 +32,7 @@ def load(build_directory: Path) -> str:
     module.current_device = lambda: 0
     module._is_in_bad_fork = lambda: False
     module.manual_seed_all = lambda seed: None
+    module.get_rng_state = lambda device=NAME: torch.empty(0, dtype=torch.uint8)  # no RNG of its own (CPU's serves)
+    module.set_rng_state = lambda state, device=NAME: None
     torch._register_device_module(NAME, module)
     return NAME
