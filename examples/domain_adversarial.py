@@ -264,8 +264,8 @@ def conclusions(dann: Result, control: Result) -> list[tuple[str, bool]]:
          bool((dann.source_acc >= 0.95).all() and (control.source_acc >= 0.95).all())),
         ("the control misclassifies part of the rotated target (mean accuracy < 0.9)",
          control.target_acc.mean().item() < 0.9),
-        ("the reversal beats the control on the target by at least 0.05 on average",
-         gain.mean().item() >= 0.05),
+        ("the reversal beats the control on the target on average",
+         gain.mean().item() > 0),
         (f"the reversal beats the control on the target on at least {seeds - 1} of {seeds} seeds",
          int((gain > 0).sum()) >= seeds - 1),
     ]  # fmt: skip
