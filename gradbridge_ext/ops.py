@@ -600,15 +600,18 @@ def _alias_of_q(x: Tensor, q: Tensor, grad_scale: Any = 1.0) -> Tensor:
     return torch.ops.aten.alias.default(q)
 
 
-# torch 2.5 exports the decomposition below in place of the operator, with
-# autograd on: aten.alias's gradient would silently replace the operator's.
-# Newer torch calls it only below autograd (run_decompositions, ONNX), where the
-# alias is all there is.
+# torch 2.5's export captures the decomposition below in place of the operator
+# (its trace runs under the Python dispatcher, with autograd on): aten.alias's
+# gradient would silently replace the operator's. Newer torch calls it only
+# below autograd (run_decompositions, ONNX), where the alias is all there is;
+# fake-tensor checks (opcheck's) call it without the Python dispatcher.
 _EXPORT_KEEPS_THE_OPERATOR = _extension._minor(torch.__version__) >= (2, 6)
 
 
 def _refuse_to_drop_the_backward(op: str, *tensors: Tensor) -> None:
-    if not _EXPORT_KEEPS_THE_OPERATOR and torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+    if _EXPORT_KEEPS_THE_OPERATOR or not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors):
+        return
+    if torch._C._dispatch_tls_local_include_set().has(torch._C.DispatchKey.PythonDispatcher):
         raise RuntimeError(
             f"gradbridge::{op}: torch {torch.__version__} decomposes the operator while it exports, which would "
             "drop its backward (ep.module() would train it as an identity). Export under torch.no_grad() for "
