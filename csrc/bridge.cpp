@@ -80,48 +80,6 @@ std::string shape_string(at::IntArrayRef shape) {
   return out + "]";
 }
 
-// A grad_scale tensor is floating (or bool, a mask) and broadcasts to the
-// gradient's shape without growing it: a 0-dim scale, or a mask such as
-// `rows[:, None]`. Its value is read only by the backward, so a schedule can
-// update it in place between steps with no host sync and no recompile. It
-// always attaches. It lives on the device of the tensor it scales (`name`),
-// or is a 0-dim CPU tensor, which any device's multiply reads on the host:
-// a mask elsewhere would fail only in the backward, far from the mistake.
-bool is_dense(const at::Tensor& t);
-std::string layout_description(const at::Tensor& t);
-
-void check_scale_tensor(const char* op, const at::Tensor& grad_scale, const at::Tensor& t, const char* name) {
-  TORCH_CHECK_TYPE(
-      grad_scale.defined(), op, ": grad_scale must be a number or a tensor, got None");
-  // Before any size is read: a nested tensor has none to read.
-  TORCH_CHECK_VALUE(
-      is_dense(grad_scale), op, ": a grad_scale tensor must be a dense strided tensor, got ",
-      layout_description(grad_scale));
-  const auto shape = t.sizes();
-  bool broadcasts = grad_scale.dim() <= static_cast<int64_t>(shape.size());
-  for (int64_t i = 1; broadcasts && i <= grad_scale.dim(); ++i) {
-    const auto size = grad_scale.size(-i);
-    broadcasts = size == 1 || size == shape[shape.size() - i];
-  }
-  TORCH_CHECK_VALUE(
-      broadcasts && (at::isFloatingType(grad_scale.scalar_type()) || grad_scale.scalar_type() == at::kBool),
-      op, ": a grad_scale tensor must be floating or bool and broadcast to the shape ",
-      shape_string(shape), ", got a ", shape_string(grad_scale.sizes()), " ",
-      c10::toString(grad_scale.scalar_type()), " tensor");
-  TORCH_CHECK_VALUE(
-      grad_scale.device() == t.device() || (grad_scale.dim() == 0 && grad_scale.is_cpu()),
-      op, ": a grad_scale tensor must be on ", name, "'s device, ", t.device().str(),
-      ", or be a 0-dim CPU tensor; got a ", shape_string(grad_scale.sizes()), " tensor on ",
-      grad_scale.device().str());
-}
-
-void check_options(const at::Tensor& t, const at::Tensor& grad_scale, c10::optional<bool> attach) {
-  check_scale_tensor("gradbridge::bridge", grad_scale, t, "t");
-  TORCH_CHECK_VALUE(
-      attach != false,
-      "gradbridge::bridge: attach=False cuts the graph, but a grad_scale tensor needs it; leave attach out");
-}
-
 // How Python spells a layout, for error messages.
 const char* layout_name(at::Layout layout) {
   switch (layout) {
@@ -155,6 +113,45 @@ std::string layout_description(const at::Tensor& t) {
   return t.is_nested() ? "a nested tensor"
       : t.is_quantized() ? "a quantized tensor"
                          : std::string("a tensor with layout ") + layout_name(t.layout());
+}
+
+// A grad_scale tensor is floating (or bool, a mask) and broadcasts to the
+// gradient's shape without growing it: a 0-dim scale, or a mask such as
+// `rows[:, None]`. Its value is read only by the backward, so a schedule can
+// update it in place between steps with no host sync and no recompile. It
+// always attaches. It lives on the device of the tensor it scales (`name`),
+// or is a 0-dim CPU tensor, which any device's multiply reads on the host:
+// a mask elsewhere would fail only in the backward, far from the mistake.
+void check_scale_tensor(const char* op, const at::Tensor& grad_scale, const at::Tensor& t, const char* name) {
+  TORCH_CHECK_TYPE(
+      grad_scale.defined(), op, ": grad_scale must be a number or a tensor, got None");
+  // Before any size is read: a nested tensor has none to read.
+  TORCH_CHECK_VALUE(
+      is_dense(grad_scale), op, ": a grad_scale tensor must be a dense strided tensor, got ",
+      layout_description(grad_scale));
+  const auto shape = t.sizes();
+  bool broadcasts = grad_scale.dim() <= static_cast<int64_t>(shape.size());
+  for (int64_t i = 1; broadcasts && i <= grad_scale.dim(); ++i) {
+    const auto size = grad_scale.size(-i);
+    broadcasts = size == 1 || size == shape[shape.size() - i];
+  }
+  TORCH_CHECK_VALUE(
+      broadcasts && (at::isFloatingType(grad_scale.scalar_type()) || grad_scale.scalar_type() == at::kBool),
+      op, ": a grad_scale tensor must be floating or bool and broadcast to the shape ",
+      shape_string(shape), ", got a ", shape_string(grad_scale.sizes()), " ",
+      c10::toString(grad_scale.scalar_type()), " tensor");
+  TORCH_CHECK_VALUE(
+      grad_scale.device() == t.device() || (grad_scale.dim() == 0 && grad_scale.is_cpu()),
+      op, ": a grad_scale tensor must be on ", name, "'s device, ", t.device().str(),
+      ", or be a 0-dim CPU tensor; got a ", shape_string(grad_scale.sizes()), " tensor on ",
+      grad_scale.device().str());
+}
+
+void check_options(const at::Tensor& t, const at::Tensor& grad_scale, c10::optional<bool> attach) {
+  check_scale_tensor("gradbridge::bridge", grad_scale, t, "t");
+  TORCH_CHECK_VALUE(
+      attach != false,
+      "gradbridge::bridge: attach=False cuts the graph, but a grad_scale tensor needs it; leave attach out");
 }
 
 void check_strided(const char* call, const char* name, const at::Tensor& t, const char* instead) {
