@@ -396,9 +396,9 @@ def summary(results: dict) -> str:
               f"bytes allocated, {format_size(large)}"] + (["CUDA kernels"] if cuda else []) + [
               "training step time, modes 0 / 1 / 2", "training peak memory, modes 0 / 1 / 2"]  # fmt: skip
     return "\n".join([
-        f"{env['device_name']} ({env['device']}; host CPU {env['cpu']}, {env['cpu_threads']} threads); "
-        f"torch {env['torch']}, Python {env['python']}, "
-        f"{env['date'][:10]}, commit {env['gradbridge_ext_commit']}. Per call: median from Python, "
+        # The machine is named above the table (update_readme.py); here, what ran on it and when.
+        f"torch {env['torch']}, Python {env['python']}; measured {env['date'][:10]} at this repository's "
+        f"commit {env['gradbridge_ext_commit']}. Per call: median from Python, "
         "input requires grad, (ratio to detach). Training: width "
         f"{cfg['width']}, batch {cfg['batch']}, B = {cfg['depth']} layers, ratio to detach.",
         "",
