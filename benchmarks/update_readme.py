@@ -106,7 +106,7 @@ def attached_cost(page: Path, runs: dict[str, dict]) -> str:
     attached = {r["method"]: r["median_ns"] for r in run["attached"] if r["phase"] == "forward" and r["size_bytes"] == small}
     return (
         f"Measured by the committed CPU benchmark ({machine(env)}, torch {env['torch']}; median per call "
-        f"from Python, a {format_size(small)} tensor that requires grad; [all of it](../README.md#benchmarks)): "
+        f"from Python, a {f'{small}-byte' if small < 1024 else format_size(small)} tensor that requires grad; [all of it](../README.md#benchmarks)): "
         f"`bridge(t, -1.0)` takes {format_ns(attached['bridge(t, -1.0)'])} and `Bridge(-1.0)` "
         f"{format_ns(attached['Bridge(-1.0)'])}, where the cut `bridge(t)` takes {format_ns(cut['bridge'])}, "
         f"`t.data` {format_ns(cut['.data'])} and `t.detach()` {format_ns(cut['detach'])}.\n"
