@@ -17,6 +17,7 @@ timing or ratio outside these regions).
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -45,8 +46,8 @@ def results() -> dict[str, dict]:
 
 
 def link(page: Path, device: str, name: str = "results.json") -> str:
-    """A path from page's folder to a committed results file, as Markdown links want it."""
-    return str((RESULTS / device / name).relative_to(ROOT)) if page.parent == ROOT else f"../{(RESULTS / device / name).relative_to(ROOT)}"
+    """A committed results file, relative to page's folder (as a Markdown link on that page needs)."""
+    return os.path.relpath(RESULTS / device / name, page.parent)
 
 
 def machine(env: dict) -> str:
@@ -66,7 +67,7 @@ def verdict(b: dict) -> str:
 
 
 def older_report(run: dict) -> bool:
-    """Whether an older benchmark made this run: its training bar has no interval, as today's always has."""
+    """Whether an older benchmark made this run: its training bar has no interval, which today's always gives."""
     training = bar(run, "training step time")
     return training is not None and "interval" not in training["measured"]
 
@@ -102,11 +103,12 @@ def attached_cost(page: Path, runs: dict[str, dict]) -> str:
     run = runs["cpu"]
     env = run["environment"]
     small = min(r["size_bytes"] for r in run["latency"])
+    size = f"{small}-byte" if small < 1024 else format_size(small)  # "a 4B tensor" could read as 4 billion
     cut = {r["method"]: r["median_ns"] for r in run["latency"] if r["requires_grad"] and r["size_bytes"] == small}
     attached = {r["method"]: r["median_ns"] for r in run["attached"] if r["phase"] == "forward" and r["size_bytes"] == small}
     return (
         f"Measured by the committed CPU benchmark ({machine(env)}, torch {env['torch']}; median per call "
-        f"from Python, a {f'{small}-byte' if small < 1024 else format_size(small)} tensor that requires grad; [all of it](../README.md#benchmarks)): "
+        f"from Python, a {size} tensor that requires grad; [all of it](../README.md#benchmarks)): "
         f"`bridge(t, -1.0)` takes {format_ns(attached['bridge(t, -1.0)'])} and `Bridge(-1.0)` "
         f"{format_ns(attached['Bridge(-1.0)'])}, where the cut `bridge(t)` takes {format_ns(cut['bridge'])}, "
         f"`t.data` {format_ns(cut['.data'])} and `t.detach()` {format_ns(cut['detach'])}.\n"
@@ -129,12 +131,13 @@ def reading(page: Path, runs: dict[str, dict]) -> str:
         lines.append(
             f"- **{device.upper()}** ({machine(env)}; torch {env['torch']}, measured {env['date'][:10]}; "
             f"[results.json]({link(page, device)})): per call `bridge(t)` takes {min(to_detach):.2f} to "
-            f"{max(to_detach):.2f} of `detach()`'s time at every size, with and without requires grad; against `.data`, {data['measured']}, "
+            f"{max(to_detach):.2f} of `detach()`'s time at every size, with and without requires grad; "
+            f"against `.data`, {data['measured']}, "
             f"so the bar \"{data['bar']}\" {verdict(data)}; \"{flat['bar']}\" {verdict(flat)} ({flat['measured']}); "
             f"training: {training['measured']}, so \"{training['bar']}\" {verdict(training)}."
             + (" This run was made by an older version of the benchmark, which timed every size and method of a "
-               "repeat in one shuffled order rather than a size's methods back to back, and gave the training "
-               "bar without an interval." if older_report(run) else "")
+               "repeat in one shuffled order rather than a size's methods back to back, and decided the per-call "
+               "and training bars without 95% intervals." if older_report(run) else "")
         )  # fmt: skip
     return "\n".join(lines) + "\n"
 
@@ -166,7 +169,8 @@ def stale() -> list[Path]:
 if __name__ == "__main__":
     if "--check" in sys.argv[1:]:
         if pages := stale():
-            raise SystemExit(f"generated figures differ from benchmarks/results in {', '.join(str(p.relative_to(ROOT)) for p in pages)}: "
+            names = ", ".join(str(page.relative_to(ROOT)) for page in pages)
+            raise SystemExit(f"generated figures differ from benchmarks/results in {names}: "
                              "run python benchmarks/update_readme.py")  # fmt: skip
     else:
         pages = {page: updated(page.read_text(), page) for page in PAGES}  # all or none: a failure writes nothing
