@@ -8,7 +8,9 @@ STE from the encoder's output to its code). The script prints and checks:
 (a) values on the grid: the weight each BitLinear multiplies by has exactly 3 distinct
     values with straight_through (the trick, in bf16 or fp16, has more in some layer),
     and the VQ's quantized output is its codebook vectors exactly (the trick's is not);
-(b) the same training: final fp32 losses agree within TOLERANCE;
+(b) training in fp32: the VQ's final losses agree to VQ_TOLERANCE (relative), and both STEs
+    train the BitMLP below BITMLP_TRAINED; the BitMLP's two final losses are printed, not
+    compared (see BITMLP_TRAINED);
 (c) the step time, straight_through / trick (measured and printed, not checked).
 
     python examples/straight_through.py [--steps 80] [--dtype float32] [--seed 0]
@@ -40,10 +42,18 @@ def trick(x: Tensor, q: Tensor) -> Tensor:
 STES: dict[str, Ste] = {"trick": trick, "straight_through": gradbridge_ext.straight_through}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CHECK_DTYPES = ("float32", "bfloat16", "float16")  # where (a) is measured, on the trained models
-LAST = 10  # (b) compares the mean loss of the last LAST steps: one step's loss jumps as weights flip
-# (b): |trick - ours| <= TOLERANCE * the larger loss + FLOOR, in fp32. The two runs see different
-# values (the trick's rounding), so they part like any two runs; near zero loss a ratio means nothing.
-TOLERANCE, FLOOR = 0.1, 0.01
+LAST = 10  # (b) takes the mean loss of the last LAST steps: one step's loss jumps as weights flip
+# (b), VQ: in fp32 the trick's values differ from q by a rounding only, and nothing in the VQ
+# turns that into a discrete change, so both runs stay together: at 80 steps their final losses
+# agreed to 8 digits on seed 0 and to the 5 digits printed on each of seeds 0-11.
+VQ_TOLERANCE = 1e-4
+# (b), BitMLP: one rounding of the trick's moves a weight across a ternary boundary, and from
+# then on the runs are two trainings, as two seeds are. Over seeds 0-11 (80 steps, fp32) the
+# ratio of the final losses, straight_through / trick, ran from 0.67 to 2.39, while the trick's
+# own final loss ran from 0.01170 to 0.01845 across those seeds: a check of agreement at one seed
+# would pass or fail by luck. What is checked is that both train it, from their first loss
+# (about ln 10 = 2.30) to below this (the highest of the 24 runs ended at 0.028).
+BITMLP_TRAINED = 0.05
 
 
 # The quantizers of the `bitnet` package's BitLinear (github.com/kyegomez/BitNet,
@@ -132,6 +142,7 @@ def train(steps: int, dtype: torch.dtype, seed: int) -> dict:
     optimizers = {key: torch.optim.Adam(m.parameters(), lr=3e-3) for key, m in models.items()}
     times: dict[tuple[str, str], list[float]] = {key: [] for key in models}
     final: dict[tuple[str, str], float] = {}
+    first: dict[tuple[str, str], float] = {}
     last = min(LAST, steps)
     for step in range(steps + 1):  # step 0 warms up and is not timed
         for key, model in models.items():
@@ -140,10 +151,11 @@ def train(steps: int, dtype: torch.dtype, seed: int) -> dict:
             loss.backward()
             optimizers[key].step()
             optimizers[key].zero_grad(set_to_none=True)
+            first.setdefault(key, loss.item())
             final[key] = final.get(key, 0.0) + (loss.item() / last if step > steps - last else 0.0)
             if step:
                 times[key].append(time.perf_counter() - start)
-    return {"models": models, "x": x, "final": final, "times": times}
+    return {"models": models, "x": x, "first": first, "final": final, "times": times}
 
 
 def exactness(models: dict[tuple[str, str], nn.Module], x: Tensor) -> dict:
@@ -175,8 +187,9 @@ def conclusions(steps: int = 80, dtype: str = "float32", seed: int = 0) -> dict:
                           and all(exact[("off codebook", d, ours)] == 0 for d in CHECK_DTYPES),
         "a_trick_off_grid": any(n > 3 for d in low for n in exact[("distinct", d, trick_)])
                             and any(exact[("off codebook", d, trick_)] > 0 for d in low),
-        "b_same_training": all(abs(final[(m, ours)] - final[(m, trick_)]) <= TOLERANCE * max(final[(m, ours)], final[(m, trick_)]) + FLOOR
-                               for m in ("BitMLP", "VQ")),
+        "b_vq_gap": abs(final[("VQ", ours)] - final[("VQ", trick_)]) / final[("VQ", trick_)],
+        "b_vq_agree": abs(final[("VQ", ours)] - final[("VQ", trick_)]) <= VQ_TOLERANCE * final[("VQ", trick_)],
+        "b_bitmlp_trained": all(final[("BitMLP", name)] < BITMLP_TRAINED < run["first"][("BitMLP", name)] for name in STES),
         "c_time_ratio": {m: statistics.median(a / b for a, b in zip(times[(m, ours)], times[(m, trick_)]))
                          for m in ("BitMLP", "VQ")},
     }  # fmt: skip
@@ -201,16 +214,30 @@ def main(argv: list[str] | None = None) -> int:
     for d in CHECK_DTYPES:
         print(f"    {d:9} " + "; ".join(f"{n}: {ex[('distinct', d, n)]}, off codebook "
                                         f"{ex[('off codebook', d, n)]:.4f}" for n in STES))  # fmt: skip
-    print(f"    -> straight_through exactly on the grid in every dtype: {c['a_ours_on_grid']}; "
-          f"the trick off it in bf16/fp16: {c['a_trick_off_grid']}")  # fmt: skip
     print(f"(b) mean loss of the last {min(LAST, args.steps)} steps, trick vs straight_through: " + ", ".join(
-        f"{m} {final[(m, 'trick')]:.4f} vs {final[(m, 'straight_through')]:.4f}" for m in ("BitMLP", "VQ")))
-    if args.dtype == "float32":
-        print(f"    -> within {TOLERANCE:.0%} of the larger + {FLOOR}: {c['b_same_training']}")
+        f"{m} {final[(m, 'trick')]:.4f} vs {final[(m, 'straight_through')]:.4f}" for m in ("BitMLP", "VQ"))
+        + f"; VQ's relative gap {c['b_vq_gap']:.1e}")  # fmt: skip
     print("(c) step time straight_through / trick (median of paired steps, not checked): "
           + ", ".join(f"{m} {r:.3f}" for m, r in c["c_time_ratio"].items()))
-    held = c["a_ours_on_grid"] and c["a_trick_off_grid"] and (c["b_same_training"] or args.dtype != "float32")
-    return 0 if held else 1
+    checked = [
+        ("(a) with straight_through, every BitLinear multiplies by exactly 3 distinct values and every VQ "
+         "output is its codebook vector, in " + ", ".join(CHECK_DTYPES), c["a_ours_on_grid"]),
+        ("(a) with the trick, in bfloat16 or float16, some BitLinear multiplies by more than 3 values "
+         "and some VQ outputs are off the codebook", c["a_trick_off_grid"]),
+    ]
+    if args.dtype == "float32":
+        checked += [
+            (f"(b) the VQ's final losses, trick and straight_through, agree to {VQ_TOLERANCE:.0e} (relative)",
+             c["b_vq_agree"]),
+            (f"(b) both STEs train the BitMLP, from a first loss above {BITMLP_TRAINED} to a final one below it "
+             f"(trick {c['first'][('BitMLP', 'trick')]:.2f} to {final[('BitMLP', 'trick')]:.4f}, straight_through "
+             f"{c['first'][('BitMLP', 'straight_through')]:.2f} to {final[('BitMLP', 'straight_through')]:.4f}); "
+             "their runs part, so the two are not compared", c["b_bitmlp_trained"]),
+        ]
+    print("\nChecked on the run above:")
+    for statement, holds in checked:
+        print(f"  [{'yes' if holds else 'NO '}] {statement}")
+    return 0 if all(holds for _, holds in checked) else 1
 
 
 if __name__ == "__main__":
