@@ -35,7 +35,7 @@ def test_the_bitwise_check_fails_without_the_cut() -> None:
     # The check can fail: given the no-cut run in place of bridge's, B is another network.
     runs = _runs()
     checked = dict(ex.conclusions({**runs, "bridge": runs["no cut"]}))
-    assert not checked["through bridge, B's parameters are bitwise those of B trained alone"]
+    assert not checked["through bridge, B's final parameters are bitwise those of B trained alone"]
 
 
 def test_script_runs() -> None:
