@@ -66,12 +66,39 @@ if not METADATA_ONLY:
         spec.loader.exec_module(loader)
 
         class BuildExtensionForThisTorch(BuildExtension):
-            """Build the operator and record which torch it was built against."""
+            """Build the operator and record which torch it was built against.
+
+            Where it cannot be built (no compiler, a failed compile), the install goes on
+            with the sources, as one without torch does: the import compiles them, or warns
+            and runs the pure-Python fallback. GRADBRIDGE_EXT_REQUIRE_NATIVE=1 (CI, make test)
+            makes the failure the install's.
+            """
+
+            built = False
+
+            def build_extension(self, ext):
+                try:
+                    super().build_extension(ext)
+                    self.built = True
+                except Exception as error:
+                    if loader.flag_from_environment(loader.REQUIRE_NATIVE_ENV):
+                        raise
+                    print(
+                        f"{PACKAGE}: compiling the operator failed, so the install ships its sources only "
+                        f"(the import compiles them, or warns and runs the pure-Python fallback; "
+                        f"{loader.REQUIRE_NATIVE_ENV}=1 makes this an error): {type(error).__name__}: {error}",
+                        file=sys.stderr,
+                    )
 
             def run(self):
                 super().run()
                 folder = os.path.dirname(self.get_ext_fullpath(EXTENSION))
-                with open(os.path.join(folder, loader.TORCH_VERSION_FILE.name), "w") as f:
+                record = os.path.join(folder, loader.TORCH_VERSION_FILE.name)
+                if not self.built:  # a binary left from an earlier build is for who knows which torch
+                    if os.path.exists(record):
+                        os.remove(record)
+                    return
+                with open(record, "w") as f:
                     f.write(torch.__version__)
 
         # NB: a CppExtension also for a CUDA torch. The operator moves no data, so it

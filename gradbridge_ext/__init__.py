@@ -9,7 +9,7 @@ Everything is defined in ``gradbridge_ext.ops``; this module re-exports it.
 """
 
 from ._extension import TESTED_TORCH
-from .ops import _C, Bridge, BridgeFunction, bridge, straight_through, strict  # noqa: F401  (_C: gradbridge_ext._C, whichever way it was built)
+from .ops import _C, NATIVE, Bridge, BridgeFunction, bridge, straight_through, strict  # noqa: F401  (_C: gradbridge_ext._C, whichever way it was built; None without one)
 from . import _onnx  # noqa: F401, E402  (the rules for torch.onnx.export(dynamo=False))
 
-__all__ = ["Bridge", "BridgeFunction", "TESTED_TORCH", "bridge", "straight_through", "strict"]
+__all__ = ["NATIVE", "Bridge", "BridgeFunction", "TESTED_TORCH", "bridge", "straight_through", "strict"]

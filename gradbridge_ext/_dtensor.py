@@ -88,6 +88,10 @@ def register() -> None:
     Called once ``torch.distributed.tensor`` has been imported; never raises.
     """
     global registered, skipped
+    from .ops import NATIVE
+
+    if not NATIVE:  # the fallback is detach and view_as, which DTensor already shards
+        return
     with _lock:
         if registered or skipped is not None:
             return

@@ -9,14 +9,20 @@ flags, torch's version and Python's. Where the sources sit does not matter, so
 a second checkout or an install of the same sources loads the cached binary.
 
 The cache survives crashes and other users (docs/install.md): a build runs in a
-private folder, published by an atomic rename, while holding an flock the kernel
-drops if the builder dies; a binary is loaded only if its size and hash match what
-its build recorded and only this user could have written it.
+private folder, published by an atomic rename, while holding an OS file lock
+(``filelock``'s, which torch depends on) that the kernel drops if the builder
+dies; a binary is loaded only if its size and hash match what its build
+recorded and only this user could have written it.
+
+Where no native operator can be had (no compiler, a failed build), :func:`load`
+warns once and returns None: the package then runs its pure-Python fallback
+(``_fallback.py``), unless ``GRADBRIDGE_EXT_REQUIRE_NATIVE=1`` makes that an error.
+Nothing here is POSIX-only: Windows has no ``fcntl`` and no ``os.getuid``.
 """
 
 from __future__ import annotations
 
-import fcntl
+import getpass
 import hashlib
 import importlib
 import importlib.util
@@ -27,25 +33,42 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
 
+import filelock  # a dependency of torch's
 import torch
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 TORCH_VERSION_FILE = PACKAGE_DIR / "_C.torch_version"  # written by setup.py
 CACHE_ENV = "GRADBRIDGE_EXT_CACHE"
-# The compile flags of both builds (setup.py reads them from here). torch's JIT
-# build passes none of them; a setup.py build gets Python's own (-O3 -DNDEBUG,
-# and -g, whose debug info costs a third of the compile), so -g0 undoes that.
-CXX_FLAGS = ["-O3", "-DNDEBUG", "-g0"]
+REQUIRE_NATIVE_ENV = "GRADBRIDGE_EXT_REQUIRE_NATIVE"
+
+
+def compile_flags(platform: str = sys.platform) -> list[str]:
+    """The compile flags of both builds (setup.py reads them from here), in the compiler's dialect.
+
+    torch's JIT build passes none of them; a setup.py build gets Python's own
+    (-O3 -DNDEBUG, and -g, whose debug info costs a third of the compile), so -g0
+    undoes that. torch builds with MSVC on Windows, which spells them its own way.
+    """
+    return ["/O2", "/DNDEBUG"] if platform == "win32" else ["-O3", "-DNDEBUG", "-g0"]
+
+
+def binary_name(platform: str = sys.platform) -> str:
+    """The operator's file name as torch's build writes it: _C.pyd on Windows, _C.so elsewhere (macOS too)."""
+    return "_C.pyd" if platform == "win32" else "_C.so"
+
+
+CXX_FLAGS = compile_flags()
+BINARY = binary_name()
 # The torch releases CI tests (.ci/matrix, oldest and newest); the oldest is
 # pyproject.toml's floor.
 TESTED_TORCH = ("2.1", "2.15")
 # What a build recorded about its binary (size and SHA-256), checked before loading.
-RECORD = "_C.so.sha256"
+RECORD = BINARY + ".sha256"
 # How long an import waits for another process's build of the same folder: a
 # cold build takes under a minute, several on a loaded machine.
 BUILD_WAIT_S = 600.0
@@ -74,9 +97,48 @@ _FIX = (
 )
 
 
-def load() -> ModuleType:
-    """Return the _C module for the imported torch; compile it first if there is none."""
+def load() -> ModuleType | None:
+    """The _C module for the imported torch, compiled first if there is none.
+
+    None, after one warning, where no native operator can be had: the package
+    then runs its pure-Python fallback. With GRADBRIDGE_EXT_REQUIRE_NATIVE=1 the
+    reason is raised as an ImportError instead.
+    """
     _warn_if_untested_torch()
+    try:
+        return _load_native()
+    except ImportError as error:
+        if flag_from_environment(REQUIRE_NATIVE_ENV):
+            raise
+        warnings.warn(_fallback_warning(error), UserWarning, stacklevel=2)
+        return None
+
+
+def flag_from_environment(name: str) -> bool:
+    """An on/off environment variable: 1/true/yes/on or 0/false/no/off (or unset); anything else is an error."""
+    value = os.environ.get(name, "").strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value not in ("", "0", "false", "no", "off"):
+        raise ValueError(f"{name}={os.environ[name]!r}: expected 1 or 0")
+    return False
+
+
+def _fallback_warning(error: ImportError) -> str:
+    # The first line says why; a longer message (a compiler's output) ends with the fix.
+    lines = str(error).strip().splitlines() or ["no reason given"]
+    why = lines[0].removeprefix("gradbridge_ext: ").rstrip(".")
+    fix = f" {lines[-1]}" if len(lines) > 1 else ""
+    return (
+        f"gradbridge_ext: using the pure-Python fallback, not the native operator: {why}.{fix} The fallback "
+        "gives the same values, aliases and gradients, but each call runs Python (microseconds, where the "
+        "native call takes well under one), a cut shares its input's version counter, and torch.ops.gradbridge "
+        "is not registered (docs/semantics.md, 'The pure-Python fallback'). "
+        f"Set {REQUIRE_NATIVE_ENV}=1 to make this an error."
+    )
+
+
+def _load_native() -> ModuleType:
     built_for = TORCH_VERSION_FILE.read_text().strip() if TORCH_VERSION_FILE.exists() else None
     if built_for == torch.__version__:
         return importlib.import_module("gradbridge_ext._C")
@@ -96,24 +158,45 @@ def sources() -> list[Path]:
     return []
 
 
-def _cache_root_and_setting() -> tuple[Path, str]:
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV]), f"${CACHE_ENV}"
-    xdg = os.environ.get("XDG_CACHE_HOME", "")
+def _cache_root_and_setting(env: Mapping[str, str] = os.environ, platform: str = sys.platform) -> tuple[Path, str]:
+    """Where the platform keeps a user's caches, as pip's do: XDG on Linux, ~/Library/Caches, %LOCALAPPDATA%."""
+    if env.get(CACHE_ENV):
+        return Path(env[CACHE_ENV]), f"${CACHE_ENV}"
+    if platform == "win32":
+        local = env.get("LOCALAPPDATA", "")
+        if os.path.isabs(local):
+            return Path(local) / "gradbridge_ext" / "Cache", "%LOCALAPPDATA%"
+        return Path.home() / "AppData" / "Local" / "gradbridge_ext" / "Cache", f"default (neither %{CACHE_ENV}% nor %LOCALAPPDATA% is set)"
+    if platform == "darwin":
+        return Path.home() / "Library" / "Caches" / "gradbridge_ext", f"default (${CACHE_ENV} is not set)"
+    xdg = env.get("XDG_CACHE_HOME", "")
     if os.path.isabs(xdg):  # the XDG spec ignores a relative path
         return Path(xdg) / "gradbridge_ext", "$XDG_CACHE_HOME"
     return Path.home() / ".cache" / "gradbridge_ext", f"default (neither ${CACHE_ENV} nor $XDG_CACHE_HOME is set)"
 
 
 def cache_root() -> Path:
-    """$GRADBRIDGE_EXT_CACHE, else $XDG_CACHE_HOME/gradbridge_ext, else ~/.cache/gradbridge_ext."""
+    """$GRADBRIDGE_EXT_CACHE, else the platform's cache folder: $XDG_CACHE_HOME/gradbridge_ext or
+    ~/.cache/gradbridge_ext on Linux, ~/Library/Caches/gradbridge_ext on macOS,
+    %LOCALAPPDATA%\\gradbridge_ext\\Cache on Windows."""
     return _cache_root_and_setting()[0]
 
 
+def _user() -> str:
+    """Who builds: the uid where there is one; on Windows, which has none, the login name."""
+    if hasattr(os, "getuid"):
+        return f"uid{os.getuid()}"
+    try:
+        name = getpass.getuser()
+    except Exception:  # no login name in the environment: one folder for all such processes
+        name = "unknown"
+    return "user-" + "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
+
+
 def _prefix() -> str:
-    # The uid: users sharing a cache root each build their own, since each
+    # The user: users sharing a cache root each build their own, since each
     # trusts only what they wrote.
-    return f"torch-{torch.__version__}-py{sys.version_info.major}{sys.version_info.minor}-uid{os.getuid()}-"
+    return f"torch-{torch.__version__}-py{sys.version_info.major}{sys.version_info.minor}-{_user()}-"
 
 
 def cache_dir(files: list[Path]) -> Path:
@@ -126,7 +209,7 @@ def cache_dir(files: list[Path]) -> Path:
 
 def _why_compile_now() -> str:
     """Why this cache has no binary: first use, another torch, or other sources."""
-    built = [path.parent.name for path in cache_root().glob("*/_C.so")]
+    built = [path.parent.name for path in cache_root().glob(f"*/{BINARY}")]
     if any(name.startswith(_prefix()) for name in built):
         return "the sources changed since the cached build"
     if built:
@@ -154,10 +237,17 @@ def _cache_error(what: str, path: Path, error: OSError) -> ImportError:
 
 
 def _untrusted(path: Path) -> str | None:
-    """Why another user may have written ``path``, or None: ssh's rule for its keys."""
+    """Why another user may have written ``path``, or None: ssh's rule for its keys.
+
+    NB: Windows has no uid and no write bits for others (its ACLs decide), so
+    there only links are refused; the default cache root is in the user's own
+    profile, which other users cannot write (docs/install.md).
+    """
     st = os.lstat(path)
-    if stat.S_ISLNK(st.st_mode):
+    if stat.S_ISLNK(st.st_mode) or getattr(os.path, "isjunction", lambda p: False)(path):
         return "is a symbolic link"
+    if not hasattr(os, "getuid"):
+        return None
     if st.st_uid != os.getuid():
         return f"is owned by uid {st.st_uid}, not by you (uid {os.getuid()})"
     if st.st_mode & 0o022:
@@ -173,7 +263,7 @@ def _record(binary: Path) -> str:
 def _verified_binary(build_dir: Path) -> Path | None:
     """The folder's binary if it is whole and only this user could have written it; None if it
     needs building (none yet, or one cut short); ImportError if someone else may have planted it."""
-    binary, record = build_dir / "_C.so", build_dir / RECORD
+    binary, record = build_dir / BINARY, build_dir / RECORD
     for path in (build_dir, binary, record):
         why = _untrusted(path) if os.path.lexists(path) else None
         if why:
@@ -190,49 +280,66 @@ def _verified_binary(build_dir: Path) -> Path | None:
         return None
 
 
-def _try_flock(fd: int) -> bool:
+def _os_lock(path: Path) -> filelock.BaseFileLock:
+    # NB: filelock 4 falls back to a lock file's mere existence where the file
+    # system has no OS lock; such a lock outlives a killed builder, so not that.
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return True
-    except BlockingIOError:
-        return False
+        return filelock.FileLock(str(path), fallback_to_soft=False)
+    except TypeError:  # filelock 3: always the OS's lock
+        return filelock.FileLock(str(path))
 
 
 @contextmanager
 def _build_lock(build_dir: Path) -> Iterator[None]:
-    """Hold the build's flock: unlike a lock file's existence, the kernel drops it when its holder dies."""
+    """Hold the build's OS lock (flock, LockFileEx): unlike a lock file's existence, the kernel drops it when its holder dies."""
+    if issubclass(filelock.FileLock, filelock.SoftFileLock):
+        # No OS lock on this platform (neither fcntl nor msvcrt): a lock file's mere
+        # existence would outlive a killed builder and block every later import, so
+        # build unlocked. The private staging folder and the atomic rename still keep a
+        # half-built binary from being loaded; a concurrent build only costs time.
+        yield
+        return
     path = build_dir.with_name(build_dir.name + ".lock")
+    holder_note = build_dir.with_name(build_dir.name + ".holder")
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        # Made here, not by filelock: a link planted in a shared root is refused, and an error names the setting.
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600))
+        if _untrusted(path):
+            raise OSError(0, _untrusted(path))
     except OSError as error:
         raise _cache_error("create the lock file", path, error) from error
+    lock = _os_lock(path)
     try:
-        if not _try_flock(fd):
-            holder = os.pread(fd, 32, 0).decode(errors="replace") or "another process"
-            print(f"gradbridge_ext: waiting for {holder}, which is building the operator in {build_dir}...",
-                  file=sys.stderr, flush=True)  # fmt: skip
-            deadline = time.monotonic() + BUILD_WAIT_S
-            while not _try_flock(fd):
-                if time.monotonic() > deadline:
-                    raise ImportError(
-                        f"gradbridge_ext: gave up after {BUILD_WAIT_S:.0f} s waiting for {holder}, which is "
-                        f"building the operator in {build_dir} and holds the lock {path}. If that process is "
-                        f"stuck, end it (the lock goes with it) and import again, or set {CACHE_ENV} to "
-                        "another folder."
-                    )
-                time.sleep(0.5)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"process {os.getpid()}".encode(), 0)
+        lock.acquire(timeout=0)
+    except filelock.Timeout:
+        try:
+            holder = holder_note.read_text()[:64] or "another process"
+        except OSError:
+            holder = "another process"
+        print(f"gradbridge_ext: waiting for {holder}, which is building the operator in {build_dir}...",
+              file=sys.stderr, flush=True)  # fmt: skip
+        try:
+            lock.acquire(timeout=BUILD_WAIT_S, poll_interval=0.5)
+        except filelock.Timeout:
+            raise ImportError(
+                f"gradbridge_ext: gave up after {BUILD_WAIT_S:.0f} s waiting for {holder}, which is "
+                f"building the operator in {build_dir} and holds the lock {path}. If that process is "
+                f"stuck, end it (the lock goes with it) and import again, or set {CACHE_ENV} to "
+                "another folder."
+            ) from None
+    try:
+        # Beside the lock, not in it: filelock truncates the lock file each time a waiter tries it.
+        holder_note.write_text(f"process {os.getpid()}")
         yield
     finally:
-        os.close(fd)  # and with it the flock
+        lock.release()
 
 
 def _build(build_dir: Path, files: list[Path], why: str, reason: str) -> None:
     """Compile into a private folder, then publish it under ``build_dir`` with one rename."""
     print(
         f"gradbridge_ext: the native operator {why}; compiling it for torch {torch.__version__} "
-        f"({reason}; once, under a minute; cached in {build_dir})...",
+        f"({reason}; once, about a minute; cached in {build_dir})...",
         file=sys.stderr,
         flush=True,
     )
@@ -255,8 +362,8 @@ def _build(build_dir: Path, files: list[Path], why: str, reason: str) -> None:
             is_python_module=False,
             verbose=False,
         )
-        (staging / RECORD).write_text(_record(staging / "_C.so"))
-        for name, mode in (("_C.so", 0o700), (RECORD, 0o600)):  # whatever the umask, or we would refuse them
+        (staging / RECORD).write_text(_record(staging / BINARY))
+        for name, mode in ((BINARY, 0o700), (RECORD, 0o600)):  # whatever the umask, or we would refuse them
             (staging / name).chmod(mode)
         if build_dir.exists():  # a damaged build of ours, which nobody can be using: we hold the lock
             shutil.rmtree(build_dir)
@@ -266,9 +373,25 @@ def _build(build_dir: Path, files: list[Path], why: str, reason: str) -> None:
         os.rename(staging, build_dir)
     except Exception as error:
         shutil.rmtree(staging, ignore_errors=True)
+        log = build_dir.with_name(build_dir.name + ".log")
+        try:
+            log.write_text(f"{error}\n")
+            where = f"; the build's output is in {log}"
+        except OSError:
+            where = ""
         raise ImportError(
-            f"gradbridge_ext: the native operator {why}, and compiling it failed: {error}\n{_FIX}"
+            f"gradbridge_ext: the native operator {why}, and compiling it failed{where}.\n{error}\n{_FIX}"
         ) from error
+
+
+def _check_compiler(why: str) -> None:
+    """Fail at once, naming it, where there is no compiler: torch's build would say so only after ninja ran."""
+    compiler = (os.environ.get("CXX") or ("cl" if sys.platform == "win32" else "c++")).split()[0]
+    if shutil.which(compiler) is None:
+        raise ImportError(
+            f"gradbridge_ext: the native operator {why}, and there is no C++ compiler ({compiler}) on PATH to "
+            f"compile it.\n{_FIX}"
+        )
 
 
 def _load_cached_or_compile(why: str) -> ModuleType:
@@ -276,11 +399,12 @@ def _load_cached_or_compile(why: str) -> ModuleType:
     if not files:
         raise ImportError(
             f"gradbridge_ext: the native operator {why}, and its C++ sources are not in "
-            f"{PACKAGE_DIR / 'csrc'}. {_FIX}"
+            f"{PACKAGE_DIR / 'csrc'}.\n{_FIX}"
         )
     build_dir = cache_dir(files)
     binary = _verified_binary(build_dir)
     if binary is None:
+        _check_compiler(why)
         try:
             build_dir.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as error:
@@ -289,8 +413,8 @@ def _load_cached_or_compile(why: str) -> ModuleType:
             binary = _verified_binary(build_dir)  # built while we waited?
             if binary is None:
                 reason = _why_compile_now()
-                if (build_dir / "_C.so").exists():
+                if (build_dir / BINARY).exists():
                     reason = "the cached binary does not match what its build recorded: cut short?"
                 _build(build_dir, files, why, reason)
-                binary = build_dir / "_C.so"
+                binary = build_dir / BINARY
     return _import_binary(binary)

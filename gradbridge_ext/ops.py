@@ -36,12 +36,15 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import handle_torch_function, has_torch_function, has_torch_function_unary
 
-from . import _extension
+from . import _extension, _fallback
 from ._import_hooks import when_imported
 
-__all__ = ["Bridge", "BridgeFunction", "bridge", "straight_through", "strict"]
+__all__ = ["NATIVE", "Bridge", "BridgeFunction", "bridge", "straight_through", "strict"]
 
 _C = _extension.load()
+# Whether the native operator serves the calls; False where none could be had
+# (the import warned why), and the pure-Python kernels of _fallback.py do.
+NATIVE: bool = _C is not None
 
 _BRIDGE_DOC = r"""bridge(t, /, grad_scale=0.0, *, attach=None)
 --
@@ -152,7 +155,7 @@ if TYPE_CHECKING:
 
     def bridge(t: Tensor, /, grad_scale: float | Tensor = 0.0, *, attach: bool | None = None) -> Tensor: ...
 
-else:
+elif NATIVE:
     # NB: the public name is the C entry point itself (csrc/python.cpp), which
     # handles the cut, bridge(t), and hands every other call to
     # _bridge_with_options below: even a Python wrapper costs more than the alias.
@@ -164,7 +167,7 @@ if TYPE_CHECKING:
 
     def straight_through(x: Tensor, q: Tensor, /, grad_scale: float | Tensor = 1.0) -> Tensor: ...
 
-else:
+elif NATIVE:
     # NB: as for bridge, the C entry point handles straight_through(x, q) and
     # hands every other call to _straight_through_with_options.
     straight_through = _C.straight_through
@@ -188,7 +191,7 @@ def _bridge_with_options(t: Tensor, /, grad_scale: float | Tensor = _NO_SCALE, *
         raise _attach_type_error(attach)
     if type(grad_scale) is not float and not isinstance(grad_scale, Tensor):
         grad_scale = _as_float(grad_scale, "bridge")
-    return _C._bridge_parsed(t, grad_scale, attach)
+    return _bridge_kernel(t, grad_scale, attach)
 
 
 def _straight_through_with_options(x: Tensor, q: Tensor, /, grad_scale: float | Tensor = 1.0) -> Tensor:
@@ -202,14 +205,23 @@ def _straight_through_with_options(x: Tensor, q: Tensor, /, grad_scale: float | 
             raise TypeError(f"straight_through(): argument '{name}' must be a torch.Tensor, not {_type_name(value)}")
     if type(grad_scale) is not float and not isinstance(grad_scale, Tensor):
         grad_scale = _as_float(grad_scale, "straight_through")
-    return _C._straight_through_parsed(x, q, grad_scale)
+    return _straight_through_kernel(x, q, grad_scale)
 
 
 # Python's own argument errors name the function the user called.
 _bridge_with_options.__qualname__ = _bridge_with_options.__name__ = "bridge"
 _straight_through_with_options.__qualname__ = _straight_through_with_options.__name__ = "straight_through"
-_C._bridge_with_options = _bridge_with_options
-_C._straight_through_with_options = _straight_through_with_options
+if NATIVE:
+    _bridge_kernel, _straight_through_kernel, _set_strict = _C._bridge_parsed, _C._straight_through_parsed, _C._set_strict
+    _C._bridge_with_options = _bridge_with_options
+    _C._straight_through_with_options = _straight_through_with_options
+elif not TYPE_CHECKING:
+    # Without the C entry points every call is parsed in Python; the docstrings
+    # lose the C convention's signature line, which a Python function has of its own.
+    _bridge_kernel, _straight_through_kernel, _set_strict = _fallback.bridge, _fallback.straight_through, _fallback.set_strict
+    bridge, straight_through = _bridge_with_options, _straight_through_with_options
+    bridge.__doc__ = _BRIDGE_DOC.split("--\n\n", 1)[1]
+    straight_through.__doc__ = _STRAIGHT_THROUGH_DOC.split("--\n\n", 1)[1]
 
 
 def _type_name(value: Any) -> str:
@@ -266,7 +278,7 @@ class BridgeFunction(torch.autograd.Function):
     # are what would need it.
     @staticmethod
     def forward(ctx: Any, t: Tensor) -> Tensor:
-        output = _C.bridge(t)
+        output = bridge(t)
         ctx.mark_non_differentiable(output)
         return output
 
@@ -309,22 +321,15 @@ def strict(enabled: bool = True) -> Iterator[None]:
         ...
         RuntimeError: one of the variables needed for gradient computation has been modified by an inplace operation...
     """
-    previous = _C._set_strict(enabled)
+    previous = _set_strict(enabled)
     try:
         yield
     finally:
-        _C._set_strict(previous)
+        _set_strict(previous)
 
 
-def _strict_from_environment() -> None:
-    value = os.environ.get(STRICT_ENV, "").strip().lower()
-    if value in ("1", "true", "yes", "on"):
-        _C._set_strict(True)
-    elif value not in ("", "0", "false", "no", "off"):
-        raise ValueError(f"{STRICT_ENV}={os.environ[STRICT_ENV]!r}: expected 1 or 0")
-
-
-_strict_from_environment()
+if _extension.flag_from_environment(STRICT_ENV):
+    _set_strict(True)
 
 
 class Bridge(nn.Module):
@@ -347,7 +352,7 @@ class Bridge(nn.Module):
         super().__init__()
         with torch.enable_grad():  # the operator checks the options and says whether they attach
             # A mask fits a probe of its own shape; the operator refuses one that is not dense.
-            dense = isinstance(grad_scale, Tensor) and _is_dense(grad_scale)
+            dense = isinstance(grad_scale, Tensor) and _fallback.is_dense(grad_scale)
             probe = torch.empty(grad_scale.shape if dense else (), device="meta", requires_grad=True)
             self.attach = bridge(probe, grad_scale.to("meta") if dense else grad_scale, attach=attach).requires_grad
         if isinstance(grad_scale, Tensor):
@@ -355,6 +360,16 @@ class Bridge(nn.Module):
             self.register_buffer("grad_scale", grad_scale)
         else:
             self.grad_scale = float(grad_scale)
+
+    def __prepare_scriptable__(self) -> Bridge:
+        # torch.jit.script calls this first: a scripted Bridge calls the operator, which the fallback has not.
+        if not NATIVE:
+            raise RuntimeError(
+                "gradbridge_ext.Bridge: TorchScript calls torch.ops.gradbridge.bridge, which only the native operator "
+                "registers, and this process runs the pure-Python fallback (gradbridge_ext.NATIVE is False; the "
+                "import warned why). Use torch.compile or torch.export, or install the native operator."
+            )
+        return self
 
     def forward(self, t: Tensor) -> Tensor:
         if torch.jit.is_scripting():  # TorchScript sees the operator, not the C entry point
@@ -384,9 +399,10 @@ def _register_if_available(module: Any, name: str, *args: Any) -> Any:
 
     NB: substitute_in_graph and register_vmap are torch 2.5's. Without them bridge
     still works eagerly; torch.compile breaks the graph at it, and vmap raises
-    torch's own error for a custom operator.
+    torch's own error for a custom operator. Each registers a rule for the native
+    operator, so the fallback, which has none, registers nothing.
     """
-    register = getattr(module, name, None)
+    register = getattr(module, name, None) if NATIVE else None
     return register(*args) if register is not None else lambda function: function
 
 
@@ -456,31 +472,6 @@ class _StraightThrough(torch.autograd.Function):
         return (None if scaled is None else scaled.to(ctx.x_dtype)), None, None
 
 
-def _is_dense(t: Tensor) -> bool:
-    """csrc/bridge.cpp's is_dense: one strided storage, a plain shape."""
-    return t.layout == torch.strided and not t.is_nested and not t.is_quantized
-
-
-def _check_scale_tensor(function: str, grad_scale: Tensor, t: Tensor, name: str) -> None:
-    """csrc/bridge.cpp's check_scale_tensor, for the compile stand-ins."""
-    if not _is_dense(grad_scale):
-        raise ValueError(f"gradbridge::{function}: a grad_scale tensor must be a dense strided tensor, got one with layout {grad_scale.layout}")
-    shape = t.shape
-    broadcasts = grad_scale.dim() <= len(shape) and all(
-        size == 1 or size == shape[i - grad_scale.dim()] for i, size in enumerate(grad_scale.shape)
-    )
-    if not broadcasts or not (grad_scale.is_floating_point() or grad_scale.dtype == torch.bool):
-        raise ValueError(
-            f"gradbridge::{function}: a grad_scale tensor must be floating or bool and broadcast to the shape "
-            f"{list(shape)}, got a {list(grad_scale.shape)} {grad_scale.dtype} tensor"
-        )
-    if grad_scale.device != t.device and not (grad_scale.dim() == 0 and grad_scale.device.type == "cpu"):
-        raise ValueError(
-            f"gradbridge::{function}: a grad_scale tensor must be on {name}'s device, {t.device}, or be a 0-dim CPU "
-            f"tensor; got a {list(grad_scale.shape)} tensor on {grad_scale.device}"
-        )
-
-
 # NB: strict export puts the operator itself in the graph dynamo captures, as
 # non-strict export does without dynamo, so that ep.module() runs bridge's
 # backward; export would inline the Functions above into their forwards, under
@@ -488,69 +479,46 @@ def _check_scale_tensor(function: str, grad_scale: Tensor, t: Tensor, name: str)
 _is_exporting: Callable[[], bool] = lambda: False
 
 
-def _recorded(t: Tensor) -> bool:
-    """Whether the eager operator records a node whose gradient goes to ``t``: else its result is a plain alias."""
-    return torch.is_grad_enabled() and t.requires_grad
-
-
 def _bridge_for_dynamo(t: Tensor, /, grad_scale: float | Tensor = 0.0, *, attach: bool | None = None) -> Tensor:
     """What dynamo traces in place of ``bridge``.
 
-    Dynamo cannot call the operator's checks (csrc/bridge.cpp, check_options)
-    while it traces, so they are restated here, with the same messages but for
-    the dtype, which Python spells ``torch.int64`` where C++ says ``Long``; a
-    float that changes between calls reaches us as a symbol, so its value is
-    checked only as far as tracing can.
+    Dynamo cannot call the operator's checks (csrc/bridge.cpp) while it traces,
+    so it runs their restatement in _fallback.py; a float that changes between
+    calls reaches us as a symbol, so its value is checked only as far as tracing can.
     """
     if attach is not None and not isinstance(attach, bool):
         raise _attach_type_error(attach)
-    if isinstance(grad_scale, Tensor):
-        _check_scale_tensor("bridge", grad_scale, t, "t")
-        if attach is False:
-            raise ValueError("gradbridge::bridge: attach=False cuts the graph, but a grad_scale tensor needs it; leave attach out")
-        if _is_exporting():
-            return torch.ops.gradbridge.bridge.Tensor(t, grad_scale, attach)
-        return _AttachedBridge.apply(t, grad_scale) if _recorded(t) else t.detach()
-    if isinstance(grad_scale, bool) or not isinstance(grad_scale, numbers.Real):
+    if not isinstance(grad_scale, Tensor) and (isinstance(grad_scale, bool) or not isinstance(grad_scale, numbers.Real)):
         raise _grad_scale_type_error(grad_scale)
-    # NB: math.isfinite cannot take a symbol, and a symbol's finiteness cannot
-    # be decided while tracing; x - x is nonzero only for a constant nan or inf.
-    if grad_scale - grad_scale != 0:
-        raise ValueError(f"gradbridge::bridge: grad_scale must be a finite number, got {grad_scale}")
-    nonzero = grad_scale != 0
-    if attach is False and nonzero:
-        raise ValueError("gradbridge::bridge: attach=False cuts the graph, but a nonzero grad_scale needs it; leave attach out")
+    attached = _fallback.check_bridge(t, grad_scale, attach)
     if _is_exporting():
+        if not NATIVE:
+            return _fallback.unexportable("bridge", attached and _fallback.recorded(t), t)
+        if isinstance(grad_scale, Tensor):
+            return torch.ops.gradbridge.bridge.Tensor(t, grad_scale, attach)
         return torch.ops.gradbridge.bridge.default(t, grad_scale, attach)
-    if not (attach or nonzero) or not _recorded(t):
+    if not attached or not _fallback.recorded(t):
         return t.detach()
-    return _AttachedBridge.apply(t, grad_scale if nonzero else None)
+    if isinstance(grad_scale, Tensor):
+        return _AttachedBridge.apply(t, grad_scale)
+    return _AttachedBridge.apply(t, grad_scale if grad_scale != 0 else None)
 
 
 def _straight_through_for_dynamo(x: Tensor, q: Tensor, /, grad_scale: float | Tensor = 1.0) -> Tensor:
     """What dynamo traces in place of ``straight_through``: the operator's checks, restated as for bridge."""
-    if x.shape != q.shape:
-        raise ValueError(
-            "gradbridge::straight_through(x, q): x and q must have the same shape (no broadcasting: the "
-            f"result is an alias of q), got {list(x.shape)} and {list(q.shape)}"
-        )
-    if x.device != q.device:
-        raise ValueError(f"gradbridge::straight_through(x, q): x and q must be on the same device, got {x.device} and {q.device}")
-    if not (x.is_floating_point() and q.is_floating_point() or x.is_complex() and q.is_complex()):
-        raise TypeError(f"gradbridge::straight_through(x, q): x and q must both be floating (or both complex), got {x.dtype} and {q.dtype}")
-    if isinstance(grad_scale, Tensor):
-        _check_scale_tensor("straight_through", grad_scale, x, "x")
-        if _is_exporting():
-            return torch.ops.gradbridge.straight_through.Tensor(x, q, grad_scale)
-        return _StraightThrough.apply(x, q, grad_scale) if _recorded(x) else q.detach()
-    if isinstance(grad_scale, bool) or not isinstance(grad_scale, numbers.Real):
+    if not isinstance(grad_scale, Tensor) and (isinstance(grad_scale, bool) or not isinstance(grad_scale, numbers.Real)):
         raise _grad_scale_type_error(grad_scale, "straight_through")
-    if grad_scale - grad_scale != 0:  # see _bridge_for_dynamo
-        raise ValueError(f"gradbridge::straight_through: grad_scale must be a finite number, got {grad_scale}")
+    _fallback.check_straight_through(x, q, grad_scale)
     if _is_exporting():
+        if not NATIVE:
+            return _fallback.unexportable("straight_through", _fallback.recorded(x), q)
+        if isinstance(grad_scale, Tensor):
+            return torch.ops.gradbridge.straight_through.Tensor(x, q, grad_scale)
         return torch.ops.gradbridge.straight_through.default(x, q, grad_scale)
-    if not _recorded(x):
+    if not _fallback.recorded(x):
         return q.detach()
+    if isinstance(grad_scale, Tensor):
+        return _StraightThrough.apply(x, q, grad_scale)
     return _StraightThrough.apply(x, q, grad_scale if grad_scale != 0 else None)
 
 
@@ -623,10 +591,11 @@ def _refuse_to_drop_the_backward(op: str, *tensors: Tensor) -> None:
 # the op's Python CompositeImplicitAutograd kernel. Registered with py_impl it
 # is seen only by tracing (the Python dispatcher); eager calls keep the C++
 # kernels. tests/test_export.py pins this, so a torch that changes it fails there.
-for _overload in (torch.ops.gradbridge.bridge.default, torch.ops.gradbridge.bridge.Tensor):
-    _overload.py_impl(torch._C.DispatchKey.CompositeImplicitAutograd)(_alias)
-for _overload in (torch.ops.gradbridge.straight_through.default, torch.ops.gradbridge.straight_through.Tensor):
-    _overload.py_impl(torch._C.DispatchKey.CompositeImplicitAutograd)(_alias_of_q)
+if NATIVE:
+    for _overload in (torch.ops.gradbridge.bridge.default, torch.ops.gradbridge.bridge.Tensor):
+        _overload.py_impl(torch._C.DispatchKey.CompositeImplicitAutograd)(_alias)
+    for _overload in (torch.ops.gradbridge.straight_through.default, torch.ops.gradbridge.straight_through.Tensor):
+        _overload.py_impl(torch._C.DispatchKey.CompositeImplicitAutograd)(_alias_of_q)
 
 
 def _dynamo_is_exporting() -> bool:
@@ -639,8 +608,9 @@ def _dynamo_is_exporting() -> bool:
 def _register_compile_rule() -> None:
     global _is_exporting
     _is_exporting = getattr(torch.compiler, "is_exporting", None) or torch._dynamo.assume_constant_result(_dynamo_is_exporting)
-    _register_if_available(torch.compiler, "substitute_in_graph", _C.bridge)(_bridge_for_dynamo)
-    _register_if_available(torch.compiler, "substitute_in_graph", _C.straight_through)(_straight_through_for_dynamo)
+    if NATIVE:  # the fallback's Python functions are traced as they are (_fallback._compiling)
+        _register_if_available(torch.compiler, "substitute_in_graph", _C.bridge)(_bridge_for_dynamo)
+        _register_if_available(torch.compiler, "substitute_in_graph", _C.straight_through)(_straight_through_for_dynamo)
 
 
 when_imported("torch._dynamo", _register_compile_rule)

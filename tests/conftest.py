@@ -65,6 +65,34 @@ def test_device() -> str:
     return TEST_DEVICE["name"]
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "native_only(why): the pure-Python fallback differs here, as docs/semantics.md says")
+
+
+@pytest.fixture(params=["native", "fallback"])
+def implementation(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Runs a test on the native operator, then on the pure-Python fallback, which a process without a
+    compiler gets (gradbridge_ext.NATIVE is False): swapped in wherever the package and the test look it up."""
+    if request.param == "fallback":
+        marker = request.node.get_closest_marker("native_only")
+        if marker is not None:
+            pytest.skip(f"the fallback differs, as documented: {marker.args[0]}")
+        import gradbridge_ext
+        from gradbridge_ext import _fallback, ops
+
+        python = {"bridge": ops._bridge_with_options, "straight_through": ops._straight_through_with_options}
+        kernels = {"_bridge_kernel": _fallback.bridge, "_straight_through_kernel": _fallback.straight_through,
+                   "_set_strict": _fallback.set_strict, "NATIVE": False}  # fmt: skip
+        for name, value in kernels.items():
+            monkeypatch.setattr(ops, name, value)
+        monkeypatch.setattr(gradbridge_ext, "NATIVE", False)
+        for module in (gradbridge_ext, ops, request.module):
+            for name, function in python.items():
+                if hasattr(module, name):
+                    monkeypatch.setattr(module, name, function)
+    return request.param
+
+
 # The one place a test asks which torch it runs on (gradbridge_ext.TESTED_TORCH
 # is the range CI tests).
 def torch_at_least(version: str) -> bool:

@@ -31,7 +31,7 @@ RANKS = 4  # torchrun --nproc-per-node 4 after a plain `pip install .`
 
 def start_import(site: Path, env: dict[str, str]) -> subprocess.Popen:
     """``import gradbridge_ext`` from ``site`` in a fresh interpreter of its own process group."""
-    env = {**os.environ, "PYTHONPATH": str(site), **env}
+    env = {**os.environ, "PYTHONPATH": str(site), _extension.REQUIRE_NATIVE_ENV: "1", **env}  # no fallback here
     code = "import gradbridge_ext as gb; print(gb._C.__file__)"
     return subprocess.Popen([sys.executable, "-c", code], cwd=site, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)  # fmt: skip

@@ -23,6 +23,9 @@ from torch import Tensor, nn
 from conftest import requires_torch, torch_at_least
 from gradbridge_ext import Bridge, bridge, straight_through
 
+# Each case runs on the native operator and on the pure-Python fallback (conftest.implementation).
+pytestmark = pytest.mark.usefixtures("implementation")
+
 # NB: before torch 2.5 (no torch.compiler.substitute_in_graph) dynamo breaks the
 # graph at the operator and runs it eagerly; torch 2.1's compiled code then gives
 # zeros where eager gives None to whatever crosses the break (seen in the matrix),
@@ -154,6 +157,7 @@ def export(model: nn.Module, strict: bool) -> torch.export.ExportedProgram:
 @pytest.mark.parametrize("strict", [False, True], ids=["non-strict", "strict"])
 @pytest.mark.parametrize("pattern", EXPORT_PATTERNS)
 @pytest.mark.parametrize("setting", SETTINGS)
+@pytest.mark.native_only("torch.export keeps a backward only through the operator; the fallback refuses (test_fallback.py)")
 def test_exported_gradients_are_eagers(setting: str, pattern: str, strict: bool) -> None:
     eager = Net(setting, pattern)
     if not torch_at_least("2.6"):

@@ -30,7 +30,8 @@ PROBE = (
 
 def run_probe(cwd: Path, cache: Path, pythonpath: Path | None = None, **env_vars: str) -> subprocess.CompletedProcess:
     """Import gradbridge_ext in a fresh interpreter; print where the package and _C came from."""
-    env = {**os.environ, _extension.CACHE_ENV: str(cache), **env_vars}
+    # The native operator or an ImportError: these tests are about getting the former (test_fallback.py: the fallback).
+    env = {**os.environ, _extension.CACHE_ENV: str(cache), _extension.REQUIRE_NATIVE_ENV: "1", **env_vars}
     env.pop("PYTHONPATH", None)
     if pythonpath is not None:
         env["PYTHONPATH"] = str(pythonpath)

@@ -17,6 +17,9 @@ from conftest import requires_torch, torch_at_least
 from gradbridge_ext import Bridge, bridge, straight_through
 from helpers import TernaryLinear, assert_alias, ternary, unsupported_kinds, unsupported_tensors
 
+# Each test runs on the native operator and on the pure-Python fallback (conftest.implementation).
+pytestmark = pytest.mark.usefixtures("implementation")
+
 FLOATING = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 
 
@@ -261,6 +264,7 @@ def test_vmap_and_func_grad() -> None:
 
 # NB: torch 2.5.1's export decomposes the operator while it traces (seen in CI's matrix).
 @requires_torch("2.6", "torch.export that keeps a custom operator in the graph it captures")
+@pytest.mark.native_only("torch.export keeps a backward only through the operator; the fallback refuses (test_fallback.py)")
 def test_export_keeps_the_operator_and_decomposes_it_to_q(tmp_path: Path) -> None:
     model = nn.Sequential(TernaryLinear(6, 4))
     x = torch.randn(3, 6)
@@ -290,6 +294,7 @@ def test_onnx_export_gives_q_and_onnxruntime_matches_eager(tmp_path: Path) -> No
     assert torch.equal(torch.from_numpy(got), x.round() * 2)
 
 
+@pytest.mark.native_only("the TorchScript-based ONNX exporter traces the fallback's alias as nothing: q itself")
 def test_torchscript_onnx_exporter_writes_an_identity_of_q(tmp_path: Path) -> None:
     onnx = pytest.importorskip("onnx", reason="needs onnx (pip install .[test])")
     onnxruntime = pytest.importorskip("onnxruntime", reason="needs onnxruntime (pip install .[test])")
@@ -329,6 +334,7 @@ def test_opcheck(scale: float | str) -> None:
     torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", *aot))
 
 
+@pytest.mark.native_only("the fallback's public names are Python functions")
 def test_the_public_name_is_the_compiled_entry() -> None:
     assert gradbridge_ext.straight_through is gradbridge_ext._C.straight_through
     assert straight_through.__text_signature__ == "(x, q, /, grad_scale=1.0)"

@@ -1,0 +1,184 @@
+"""Every OS, with or without a compiler: the loader without POSIX, and the pure-Python fallback.
+
+Windows has no ``fcntl`` and no ``os.getuid``, names its binaries ``.pyd`` and
+builds with MSVC; a machine without a compiler cannot build at all. Each case
+imports a copy of the package in a fresh interpreter with that platform
+simulated: the modules removed, ``sys.platform`` set after torch is imported
+(torch itself must load as Linux's), no compiler on PATH. The fallback's
+semantics are the suite's own: tests/test_bridge.py, test_backward_family.py,
+test_straight_through.py and test_compiled_gradients.py run on both
+implementations (conftest.implementation).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import gradbridge_ext
+from gradbridge_ext import _extension
+from test_install import REPO, package_copy
+
+# filelock is imported first: on Windows it locks with msvcrt, which Linux has not, so here it keeps fcntl.
+NO_POSIX = "import filelock, os, sys; sys.modules['fcntl'] = None; del os.getuid; "  # None: `import fcntl` raises
+WINDOWS = NO_POSIX + "import torch; sys.platform = 'win32'; "
+PROBE = (
+    "import warnings; warnings.simplefilter('always'); "
+    "import torch, gradbridge_ext as gb; from gradbridge_ext import _extension; "
+    "a = torch.arange(3.0, requires_grad=True); t = a * 2; r = gb.bridge(t, -0.5); "
+    "assert r.data_ptr() == t.data_ptr() and torch.equal(r, t); r.sum().backward(); "
+    "assert a.grad.tolist() == [-1.0, -1.0, -1.0], a.grad; "
+    "print(gb.NATIVE, _extension.BINARY, _extension.cache_root())"
+)
+FALLBACK = "using the pure-Python fallback, not the native operator"
+
+
+def import_with(tmp_path: Path, prelude: str = "", **env_vars: str) -> subprocess.CompletedProcess:
+    """Import a copy of the package (sources, no binary) in a fresh interpreter after ``prelude``."""
+    site = tmp_path / "site"
+    if not site.exists():
+        package_copy(site, with_sources=True)
+    env = {**os.environ, _extension.REQUIRE_NATIVE_ENV: None, "PYTHONPATH": str(site),
+           _extension.CACHE_ENV: str(tmp_path / "cache"), **env_vars}  # fmt: skip
+    env = {name: value for name, value in env.items() if value is not None}
+    return subprocess.run([sys.executable, "-c", prelude + PROBE], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=900)  # fmt: skip
+
+
+def no_compiler_on_path(tmp_path: Path) -> dict[str, str]:
+    """PATH with only this Python's folder (pip, ninja), and no CXX."""
+    return {"PATH": str(Path(sys.executable).parent), "CXX": None}  # type: ignore[dict-item]
+
+
+@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "c++")) is None, reason="needs a C++ compiler on PATH")
+def test_without_fcntl_and_getuid_the_import_builds_and_loads_the_native_operator(tmp_path: Path) -> None:
+    # Before: ModuleNotFoundError: import of fcntl halted; None in sys.modules.
+    result = import_with(tmp_path, NO_POSIX)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split()[0] == "True"
+    assert FALLBACK not in result.stderr
+    (binary,) = (tmp_path / "cache").glob("*/_C.so")
+    assert "-user-" in binary.parent.name  # who built it, where there is no uid: the login name
+
+
+def test_without_a_compiler_the_import_warns_once_and_runs_the_fallback(tmp_path: Path) -> None:
+    # Before: ImportError: ... compiling it failed ... install a C++ compiler.
+    result = import_with(tmp_path, **no_compiler_on_path(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split()[0] == "False"
+    assert result.stderr.count(FALLBACK) == 1
+    assert "there is no C++ compiler (c++) on PATH" in result.stderr
+    assert "install a C++ compiler and ninja" in result.stderr  # the fix
+    assert f"Set {_extension.REQUIRE_NATIVE_ENV}=1 to make this an error" in result.stderr
+
+
+def test_a_required_native_operator_fails_the_import_instead(tmp_path: Path) -> None:
+    result = import_with(tmp_path, **no_compiler_on_path(tmp_path), **{_extension.REQUIRE_NATIVE_ENV: "1"})
+    assert result.returncode == 1
+    assert "ImportError: gradbridge_ext: the native operator was not compiled at install time, and there is no C++ compiler" in result.stderr
+    assert FALLBACK not in result.stderr
+
+
+def test_a_failed_build_warns_with_its_log(tmp_path: Path) -> None:
+    result = import_with(tmp_path, CXX="/bin/false")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split()[0] == "False" and result.stderr.count(FALLBACK) == 1
+    (log,) = (tmp_path / "cache").glob("*.log")
+    assert f"compiling it failed; the build's output is in {log}" in result.stderr
+    assert "/bin/false" in log.read_text()  # what the build said
+
+
+def test_simulated_windows_imports_and_names_msvc(tmp_path: Path) -> None:
+    # Before: ModuleNotFoundError (fcntl). Here no cl.exe can run, so the import
+    # must end in the fallback, with Windows' binary name and cache folder.
+    result = import_with(tmp_path, WINDOWS, LOCALAPPDATA=str(tmp_path / "local"), **{_extension.CACHE_ENV: ""})
+    assert result.returncode == 0, result.stderr[-3000:]
+    native, binary, root = result.stdout.split()
+    assert (native, binary, root) == ("False", "_C.pyd", str(tmp_path / "local" / "gradbridge_ext" / "Cache"))
+    assert "there is no C++ compiler (cl) on PATH" in result.stderr and result.stderr.count(FALLBACK) == 1
+
+
+def test_an_install_without_a_compiler_ships_the_sources_and_imports(tmp_path: Path) -> None:
+    # `pip install --no-build-isolation .`, the README's line, on a machine without a compiler.
+    env = {**os.environ, **no_compiler_on_path(tmp_path)}
+    env = {name: value for name, value in env.items() if value is not None}
+    env.pop(_extension.REQUIRE_NATIVE_ENV, None)
+    install = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+               "--target", str(tmp_path / "site"), str(REPO)]  # fmt: skip
+    result = subprocess.run(install, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not list((tmp_path / "site" / "gradbridge_ext").glob("_C*"))  # no binary, no version record
+    probe = subprocess.run([sys.executable, "-c", PROBE], cwd=tmp_path, capture_output=True, text=True, timeout=900,
+                           env={**env, "PYTHONPATH": str(tmp_path / "site"), _extension.CACHE_ENV: str(tmp_path / "cache")})  # fmt: skip
+    assert probe.returncode == 0, probe.stderr[-3000:]
+    assert probe.stdout.split()[0] == "False" and probe.stderr.count(FALLBACK) == 1
+
+    required = subprocess.run(install, env={**env, _extension.REQUIRE_NATIVE_ENV: "1"}, capture_output=True, text=True, timeout=900)
+    assert required.returncode != 0  # CI's install fails loudly instead
+
+
+@pytest.mark.parametrize(
+    ("platform", "env", "root"),
+    [
+        ("linux", {}, "~/.cache/gradbridge_ext"),
+        ("linux", {"XDG_CACHE_HOME": "/x"}, "/x/gradbridge_ext"),
+        ("darwin", {"XDG_CACHE_HOME": "/x"}, "~/Library/Caches/gradbridge_ext"),
+        ("win32", {"LOCALAPPDATA": "/l"}, "/l/gradbridge_ext/Cache"),
+        ("win32", {}, "~/AppData/Local/gradbridge_ext/Cache"),
+        ("win32", {_extension.CACHE_ENV: "/mine", "LOCALAPPDATA": "/l"}, "/mine"),
+    ],
+)
+def test_the_cache_root_follows_the_platform(platform: str, env: dict[str, str], root: str) -> None:
+    assert _extension._cache_root_and_setting(env, platform)[0] == Path(root).expanduser()
+
+
+def test_the_binary_name_and_flags_follow_the_platform() -> None:
+    assert [_extension.binary_name(p) for p in ("linux", "darwin", "win32")] == ["_C.so", "_C.so", "_C.pyd"]
+    assert _extension.compile_flags("win32") == ["/O2", "/DNDEBUG"]
+    assert _extension.compile_flags("linux") == _extension.compile_flags("darwin") == ["-O3", "-DNDEBUG", "-g0"]
+
+
+def test_without_a_uid_only_links_are_untrusted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    mine = tmp_path / "binary"
+    mine.write_text("")
+    mine.chmod(0o777)  # what Windows' stat reports says nothing of its ACLs
+    (tmp_path / "link").symlink_to(mine)
+    monkeypatch.delattr(os, "getuid")
+    assert _extension._untrusted(mine) is None
+    assert _extension._untrusted(tmp_path / "link") == "is a symbolic link"
+
+
+# --- what the fallback refuses, in this process (conftest.implementation swaps it in)
+
+fallback_only = pytest.mark.parametrize("implementation", ["fallback"], indirect=True)
+
+
+@fallback_only
+@pytest.mark.parametrize("strict", [False, True], ids=["non-strict", "strict"])
+def test_the_fallback_refuses_an_export_that_would_drop_a_backward(implementation: str, strict: bool) -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), gradbridge_ext.Bridge(-1.0))
+    with pytest.raises(Exception, match="keeps this call's backward only through the native operator"):
+        torch.export.export(model, (torch.ones(2, 3),), strict=strict)
+    with torch.no_grad():  # for inference it exports, and the values are eager's
+        exported = torch.export.export(model, (torch.ones(2, 3),), strict=strict)
+    assert torch.equal(exported.module()(torch.ones(2, 3)), model(torch.ones(2, 3)))
+
+
+@fallback_only
+def test_the_fallback_refuses_torchscript_by_name(implementation: str) -> None:
+    with pytest.raises(RuntimeError, match="TorchScript calls torch.ops.gradbridge.bridge, which only the native"):
+        torch.jit.script(torch.nn.Sequential(gradbridge_ext.Bridge(-1.0)))
+
+
+@fallback_only
+def test_the_fallback_serves_torch_func(implementation: str) -> None:
+    grad = torch.func.grad(lambda x: gradbridge_ext.bridge(x, -0.5).sum())(torch.ones(3))
+    assert grad.tolist() == [-0.5] * 3
+    per_row = torch.func.vmap(torch.func.grad(lambda x: gradbridge_ext.straight_through(x, x.round(), 2.0).sum()))
+    assert torch.equal(per_row(torch.rand(4, 3)), torch.full((4, 3), 2.0))
