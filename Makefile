@@ -22,6 +22,9 @@ $(STAMP): setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h)
 	$(PYTHON) -m pip install --no-build-isolation -e .
 	@rm -rf .make && mkdir -p .make && touch .make/installed-torch-$$($(PYTHON) -c "import torch; print(torch.__version__)")
 
+# The native operator or a failure: a broken build must never pass on the
+# pure-Python fallback (its target-specific value reaches setup's build too).
+test: export GRADBRIDGE_EXT_REQUIRE_NATIVE = 1
 test: setup
 	$(PYTHON) -m pytest
 
