@@ -31,6 +31,7 @@ import torch
 from measure import (
     CONFIGS, METHODS, Config, bench_attached, bench_latency, bench_memory, parse_size, synchronize,
 )  # fmt: skip
+from fallback import bench_fallback
 from plugged import bench_test_device
 from progress import Progress, duration
 from report import check_bars, report
@@ -39,7 +40,7 @@ from training import CUTS, MODES, bench_training, step_seconds
 
 RESULTS = Path(__file__).resolve().parent / "results"  # committed: what the README shows
 LOCAL = RESULTS / "local"  # ignored by git: where a run writes unless told otherwise
-SECTIONS = ("latency", "memory", "training", "attached", "straight_through", "test_device")
+SECTIONS = ("latency", "memory", "training", "attached", "straight_through", "test_device", "fallback")
 SIZES = {
     "cpu": "4B,64B,1KB,16KB,256KB,4MB,64MB,256MB",
     "cuda": "4B,64B,1KB,16KB,256KB,4MB,64MB,256MB,1GB",
@@ -142,6 +143,8 @@ def estimate(device: str, sizes: list[int], config: Config, sections: list[str])
                             + 60,
         # Building the test device, half a minute; three methods at two sizes.
         "test_device": 30 + config.repeats * 2 * 3 * block + 2 * config.block_s * 6,
+        # Nine methods at two sizes, each calibrated once.
+        "fallback": config.repeats * 2 * 9 * block + 2 * config.block_s * 9,
     }  # fmt: skip
     return {section: seconds[section] for section in sections if section in sections_for(device)}
 
@@ -164,6 +167,7 @@ def run_device(device: str, args: argparse.Namespace, sections: list[str], progr
         "attached": lambda: bench_attached(device, sizes, config, progress.step, progress.note),
         "straight_through": lambda: bench_straight_through(device, sizes, config, progress.step, progress.note),
         "test_device": lambda: bench_test_device(sizes, config, progress.step),
+        "fallback": lambda: bench_fallback(sizes, config, progress.step, device, progress.note),
     }
     for section in (s for s in sections if s in sections_for(device)):
         progress.begin(f"{device} {section}")

@@ -312,6 +312,17 @@ def report(results: dict) -> str:
                 f"{format_ns(rows[(size, m)]['median_ns'])} ({rows[(size, m)]['ratio_to_detach']:.2f})" for m in names]
                 for size in sorted({size for size, _ in rows})]),
         ]  # fmt: skip
+    if results.get("fallback"):
+        rows = {(r["size_bytes"], r["method"]): r for r in results["fallback"]}
+        names = list(dict.fromkeys(m for _, m in rows))
+        parts += [
+            "\n### Per call, the pure-Python fallback beside the native operator (what a process without a "
+            "compiler runs: gradbridge_ext.NATIVE is False), input a leaf that requires grad (median, and ratio to detach)\n",
+            PER_REPEAT.format("detach") + " No bar: it is the cost the fallback's import warning names.\n",
+            table(["method", *(format_size(size) for size in sorted({size for size, _ in rows}))], [[f"`{m}`"] + [
+                f"{format_ns(rows[(size, m)]['median_ns'])} ({rows[(size, m)]['ratio_to_detach']:.2f})"
+                for size in sorted({size for size, _ in rows})] for m in names]),
+        ]  # fmt: skip
     if results.get("bars"):
         quick = " (a --quick run: too few repeats to decide the timed ones)" if results.get("quick") else ""
         parts += [f"\n### Bars{quick}\n", bars_table(results)]

@@ -131,9 +131,10 @@ def _fallback_warning(error: ImportError) -> str:
     fix = f" {lines[-1]}" if len(lines) > 1 else ""
     return (
         f"gradbridge_ext: using the pure-Python fallback, not the native operator: {why}.{fix} The fallback "
-        "gives the same values, aliases and gradients, but each call runs Python (microseconds, where the "
-        "native call takes well under one), a cut shares its input's version counter, and torch.ops.gradbridge "
-        "is not registered (docs/semantics.md, 'The pure-Python fallback'). "
+        "gives the same values, aliases and gradients, but each call runs Python: microseconds, as a Python "
+        "gradient reversal layer costs, several times the native operator's (the benchmark's fallback section "
+        "measures both); a cut shares its input's version counter, and torch.ops.gradbridge is not registered "
+        "(docs/semantics.md, 'The pure-Python fallback'). "
         f"Set {REQUIRE_NATIVE_ENV}=1 to make this an error."
     )
 
