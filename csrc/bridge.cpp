@@ -115,6 +115,19 @@ std::string layout_description(const at::Tensor& t) {
                          : std::string("a tensor with layout ") + layout_name(t.layout());
 }
 
+// Shapes broadcast from the right, so a mask of t's leading sizes ((V,) for a
+// (V, D) weight, the common row mask) needs trailing ones: say how to add them.
+std::string leading_mask_hint(at::IntArrayRef mask, at::IntArrayRef shape) {
+  if (mask.empty() || mask.size() >= shape.size() || mask != shape.slice(0, mask.size())) {
+    return "";
+  }
+  std::string index = "[:";
+  for (size_t i = 1; i < shape.size(); ++i) {
+    index += i < mask.size() ? ", :" : ", None";
+  }
+  return "; for a mask of its leading dimensions, add trailing ones: grad_scale" + index + "]";
+}
+
 // A grad_scale tensor is floating (or bool, a mask) and broadcasts to the
 // gradient's shape without growing it: a 0-dim scale, or a mask such as
 // `rows[:, None]`. Its value is read only by the backward, so a schedule can
@@ -139,7 +152,7 @@ void check_scale_tensor(const char* op, const at::Tensor& grad_scale, const at::
       broadcasts && (at::isFloatingType(grad_scale.scalar_type()) || grad_scale.scalar_type() == at::kBool),
       op, ": a grad_scale tensor must be floating or bool and broadcast to the shape ",
       shape_string(shape), ", got a ", shape_string(grad_scale.sizes()), " ",
-      c10::toString(grad_scale.scalar_type()), " tensor");
+      c10::toString(grad_scale.scalar_type()), " tensor", leading_mask_hint(grad_scale.sizes(), shape));
   TORCH_CHECK_VALUE(
       grad_scale.device() == t.device() || (grad_scale.dim() == 0 && grad_scale.is_cpu()),
       op, ": a grad_scale tensor must be on ", name, "'s device, ", t.device().str(),

@@ -50,6 +50,14 @@ def check_strided(call: str, name: str, t: Tensor, instead: str) -> None:
         )
 
 
+def _leading_mask_hint(mask: torch.Size, shape: torch.Size) -> str:
+    """csrc/bridge.cpp's leading_mask_hint: a (V,) row mask for a (V, D) weight needs trailing ones."""
+    if not 0 < len(mask) < len(shape) or tuple(mask) != tuple(shape[: len(mask)]):
+        return ""
+    index = ", ".join([":"] * len(mask) + ["None"] * (len(shape) - len(mask)))
+    return f"; for a mask of its leading dimensions, add trailing ones: grad_scale[{index}]"
+
+
 def check_scale_tensor(op: str, grad_scale: Tensor, t: Tensor, name: str) -> None:
     """A floating (or bool) tensor that broadcasts to ``t``'s shape, on its device or 0-dim on the CPU."""
     if not is_dense(grad_scale):
@@ -61,7 +69,7 @@ def check_scale_tensor(op: str, grad_scale: Tensor, t: Tensor, name: str) -> Non
     if not broadcasts or not (grad_scale.is_floating_point() or grad_scale.dtype == torch.bool):
         raise ValueError(
             f"{op}: a grad_scale tensor must be floating or bool and broadcast to the shape {list(shape)}, "
-            f"got a {list(grad_scale.shape)} {scalar_type_name(grad_scale.dtype)} tensor"
+            f"got a {list(grad_scale.shape)} {scalar_type_name(grad_scale.dtype)} tensor{_leading_mask_hint(grad_scale.shape, shape)}"
         )
     if grad_scale.device != t.device and not (grad_scale.dim() == 0 and grad_scale.device.type == "cpu"):
         raise ValueError(

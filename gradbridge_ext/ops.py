@@ -237,7 +237,7 @@ def _attach_type_error(attach: Any) -> TypeError:
 
 def _grad_scale_type_error(grad_scale: Any, function: str = "bridge") -> TypeError:
     hint = " (attach=True is a keyword argument)" if isinstance(grad_scale, bool) and function == "bridge" else ""
-    return TypeError(f"{function}(): argument 'grad_scale' must be a number, not {_type_name(grad_scale)}{hint}")
+    return TypeError(f"{function}(): argument 'grad_scale' must be a number or a tensor, not {_type_name(grad_scale)}{hint}")
 
 
 def _as_float(grad_scale: Any, function: str) -> float:

@@ -123,8 +123,8 @@ class FloatFails:
         ((1.0,), {"attach": False}, ValueError, "attach=False cuts the graph"),
         ((float("nan"),), {}, ValueError, "grad_scale must be a finite number, got nan"),
         ((), {"grad_scale": float("-inf")}, ValueError, "finite number, got -inf"),
-        (("1",), {}, TypeError, "'grad_scale' must be a number, not str"),
-        ((True,), {}, TypeError, r"must be a number, not bool \(attach=True is a keyword argument\)"),
+        (("1",), {}, TypeError, "'grad_scale' must be a number or a tensor, not str"),
+        ((True,), {}, TypeError, r"must be a number or a tensor, not bool \(attach=True is a keyword argument\)"),
         ((10**400,), {}, ValueError, "finite number, got an int too large for a float"),
         ((FloatFails(),), {}, LookupError, "from __float__"),  # the object's own error, as float() lets it through
         ((), {"attach": 1}, TypeError, "'attach' must be a bool or None, not int"),
@@ -442,3 +442,11 @@ def test_bridge_keeps_a_grad_scale_tensor_as_a_buffer() -> None:
     module = Bridge(grad_scale=scale)
     assert module.grad_scale is scale and "grad_scale" in dict(module.named_buffers())
     assert module.to(torch.float64).grad_scale.dtype == torch.float64  # moves with the module
+
+
+def test_a_row_mask_is_told_to_add_trailing_ones() -> None:
+    weight = torch.ones(4, 3, requires_grad=True)
+    with pytest.raises(ValueError, match=r"got a \[4\] Float tensor; for a mask of its leading dimensions, add trailing ones: grad_scale\[:, None\]"):
+        bridge(weight, torch.ones(4))
+    with pytest.raises(ValueError, match=r"got a \[3, 1\] Float tensor$"):  # not t's leading sizes: no hint
+        bridge(weight, torch.ones(3, 1))

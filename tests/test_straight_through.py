@@ -168,8 +168,8 @@ def test_bad_arguments_raise_by_name(x: Tensor, q: Tensor, args: tuple, error: t
     [
         ((1.0, torch.ones(2)), "argument 'x' must be a torch.Tensor, not float"),
         ((torch.ones(2), None), "argument 'q' must be a torch.Tensor, not NoneType"),
-        ((torch.ones(2), torch.ones(2), "1"), "argument 'grad_scale' must be a number, not str"),
-        ((torch.ones(2), torch.ones(2), True), "argument 'grad_scale' must be a number, not bool"),
+        ((torch.ones(2), torch.ones(2), "1"), "argument 'grad_scale' must be a number or a tensor, not str"),
+        ((torch.ones(2), torch.ones(2), True), "argument 'grad_scale' must be a number or a tensor, not bool"),
         ((torch.ones(2),), "missing 1 required positional argument: 'q'"),
     ],
 )
