@@ -8,8 +8,10 @@ not train B or A::
 Everything is defined in ``gradbridge_ext.ops``; this module re-exports it.
 """
 
+__version__ = "0.1.0"  # the one place it is written: pyproject.toml reads it
+
 from ._extension import TESTED_TORCH
 from .ops import _C, NATIVE, Bridge, BridgeFunction, bridge, straight_through, strict  # noqa: F401  (_C: gradbridge_ext._C, whichever way it was built; None without one)
 from . import _onnx  # noqa: F401, E402  (the rules for torch.onnx.export(dynamo=False))
 
-__all__ = ["NATIVE", "Bridge", "BridgeFunction", "TESTED_TORCH", "bridge", "straight_through", "strict"]
+__all__ = ["__version__", "NATIVE", "Bridge", "BridgeFunction", "TESTED_TORCH", "bridge", "straight_through", "strict"]

@@ -193,3 +193,9 @@ def test_a_too_old_setuptools_names_the_fix(tmp_path: Path) -> None:
     )  # fmt: skip
     assert result.returncode != 0
     assert f"needs setuptools>=77 to build (found {version})" in result.stdout + result.stderr
+
+
+def test_the_version_is_the_installed_distributions() -> None:
+    from importlib.metadata import version
+
+    assert gradbridge_ext.__version__ == version("gradbridge_ext")
