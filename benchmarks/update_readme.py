@@ -115,6 +115,24 @@ def attached_cost(page: Path, runs: dict[str, dict]) -> str:
     )
 
 
+def fallback_cost(page: Path, runs: dict[str, dict]) -> str:
+    """docs/semantics.md: what the pure-Python fallback costs per call beside the native operator (CPU run)."""
+    run = runs["cpu"]
+    if not run.get("fallback"):
+        return "The committed CPU benchmark predates its fallback section: run `make bench-results`.\n"
+    env = run["environment"]
+    small = min(r["size_bytes"] for r in run["fallback"])
+    ns = {r["method"]: r["median_ns"] for r in run["fallback"] if r["size_bytes"] == small}
+    pairs = [("bridge(t)", "a cut"), ("bridge(t, -1.0)", "a reversal"), ("straight_through(t, q)", "`straight_through`")]
+    costs = "; ".join(f"{what}, {format_ns(ns['fallback ' + m])} against {format_ns(ns[m])}" for m, what in pairs)
+    packages = [f"{name} {format_ns(ns[name])}" for name in ("pytorch-revgrad", "torch-gradient-reversal") if name in ns]
+    return (
+        f"Measured by the committed CPU benchmark ({machine(env)}, torch {env['torch']}; median per call from Python, "
+        f"a {small}-byte leaf that requires grad): fallback against native, {costs}; `t.detach()` takes "
+        f"{format_ns(ns['detach'])}" + (f", and the PyPI reversal layers {' and '.join(packages)}" if packages else "") + ".\n"
+    )
+
+
 def bars(page: Path, runs: dict[str, dict]) -> str:
     """docs/benchmarks.md: the bars, as the newest report words them (the run with the most)."""
     run = max(runs.values(), key=lambda r: len(r.get("bars", [])))
@@ -143,10 +161,10 @@ def reading(page: Path, runs: dict[str, dict]) -> str:
 
 
 REGIONS: dict[str, Callable[[Path, dict[str, dict]], str]] = {
-    "tables": tables, "attached-cost": attached_cost, "bars": bars, "reading": reading,
+    "tables": tables, "attached-cost": attached_cost, "fallback-cost": fallback_cost, "bars": bars, "reading": reading,
 }  # fmt: skip
 # The regions each page must have: a page that lost its markers would pass a check of nothing.
-PAGES = {README: {"tables"}, SEMANTICS: {"attached-cost"}, BENCHMARKS_DOC: {"bars", "reading"}}
+PAGES = {README: {"tables"}, SEMANTICS: {"attached-cost", "fallback-cost"}, BENCHMARKS_DOC: {"bars", "reading"}}
 
 
 def updated(text: str, page: Path = README) -> str:
