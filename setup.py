@@ -76,9 +76,11 @@ if not METADATA_ONLY:
 
             built = False
 
-            def build_extension(self, ext):
+            # NB: the whole step, not one extension's build: torch 2.1 looks for the
+            # compiler (`which c++`) before it builds any.
+            def build_extensions(self):
                 try:
-                    super().build_extension(ext)
+                    super().build_extensions()
                     self.built = True
                 except Exception as error:
                     if loader.flag_from_environment(loader.REQUIRE_NATIVE_ENV):
@@ -89,6 +91,10 @@ if not METADATA_ONLY:
                         f"{loader.REQUIRE_NATIVE_ENV}=1 makes this an error): {type(error).__name__}: {error}",
                         file=sys.stderr,
                     )
+
+            def copy_extensions_to_source(self):  # an editable install's copy of what was built
+                if self.built:
+                    super().copy_extensions_to_source()
 
             def run(self):
                 super().run()
