@@ -131,6 +131,18 @@ def recorded(t: Tensor) -> bool:
 # --- the kernels
 
 
+# torch 2.5's non-strict export traces eager code under the Python dispatcher and
+# does not say it is compiling; it would inline the Functions below into their
+# forwards, dropping the backward. Newer torch says so (_compiling).
+_EXPORT_SAYS_IT_COMPILES = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 6)
+
+
+def _old_export_traces() -> bool:
+    return not _EXPORT_SAYS_IT_COMPILES and torch._C._dispatch_tls_local_include_set().has(
+        torch._C.DispatchKey.PythonDispatcher
+    )
+
+
 def _compiling() -> bool:
     """Whether dynamo traces this call: it then needs the compile stand-ins (ops.py)."""
     is_compiling = getattr(torch.compiler, "is_compiling", None)  # torch 2.3
@@ -240,6 +252,8 @@ def bridge(t: Tensor, grad_scale: float | Tensor, attach: bool | None) -> Tensor
         )
     if not attached or not recorded(t):
         return t.detach()
+    if _old_export_traces():
+        return unexportable("bridge", True, t)
     scale = grad_scale if isinstance(grad_scale, Tensor) or grad_scale != 0 else None
     return _functions().Bridge.apply(t, scale)
 
@@ -255,6 +269,8 @@ def straight_through(x: Tensor, q: Tensor, grad_scale: float | Tensor) -> Tensor
         raise NotImplementedError("gradbridge::straight_through: forward-mode AD is not supported")
     if not recorded(x):
         return q.detach()
+    if _old_export_traces():
+        return unexportable("straight_through", True, q)
     scale = grad_scale if isinstance(grad_scale, Tensor) or grad_scale != 0 else None
     return _functions().StraightThrough.apply(x, q, scale)
 
