@@ -301,32 +301,33 @@ def report(results: dict) -> str:
     if results.get("straight_through"):
         parts += straight_through_tables(results)
     if results.get("test_device"):
-        rows = {(r["size_bytes"], r["method"]): r for r in results["test_device"]}
-        names = list(dict.fromkeys(m for _, m in rows))
         parts += [
             "\n### Per call on the test device (tests/testdev: an out-of-tree PrivateUse1 backend over host "
             "memory), input requires grad (median, and ratio to detach)\n",
             PER_REPEAT.format("detach") + " No bar: it shows that the device-generic path costs what "
             "detach() costs on a device plugged in from outside torch.\n",
-            table(["size", *names], [[format_size(size)] + [
-                f"{format_ns(rows[(size, m)]['median_ns'])} ({rows[(size, m)]['ratio_to_detach']:.2f})" for m in names]
-                for size in sorted({size for size, _ in rows})]),
-        ]  # fmt: skip
+            ratio_to_detach_table(results["test_device"], methods_down=False),
+        ]
     if results.get("fallback"):
-        rows = {(r["size_bytes"], r["method"]): r for r in results["fallback"]}
-        names = list(dict.fromkeys(m for _, m in rows))
         parts += [
             "\n### Per call, the pure-Python fallback beside the native operator (what a process without a "
             "compiler runs: gradbridge_ext.NATIVE is False), input a leaf that requires grad (median, and ratio to detach)\n",
             PER_REPEAT.format("detach") + " No bar: it is the cost the fallback's import warning names.\n",
-            table(["method", *(format_size(size) for size in sorted({size for size, _ in rows}))], [[f"`{m}`"] + [
-                f"{format_ns(rows[(size, m)]['median_ns'])} ({rows[(size, m)]['ratio_to_detach']:.2f})"
-                for size in sorted({size for size, _ in rows})] for m in names]),
-        ]  # fmt: skip
+            ratio_to_detach_table(results["fallback"], methods_down=True),
+        ]
     if results.get("bars"):
         quick = " (a --quick run: too few repeats to decide the timed ones)" if results.get("quick") else ""
         parts += [f"\n### Bars{quick}\n", bars_table(results)]
     return "\n".join(parts)
+
+
+def ratio_to_detach_table(rows: list[dict], methods_down: bool) -> str:
+    """Per call, by size and method: the median, and in brackets the ratio to detach."""
+    cells = {(r["size_bytes"], r["method"]): f"{format_ns(r['median_ns'])} ({r['ratio_to_detach']:.2f})" for r in rows}
+    sizes, names = sorted({size for size, _ in cells}), list(dict.fromkeys(m for _, m in cells))
+    if methods_down:
+        return table(["method", *map(format_size, sizes)], [[f"`{m}`", *(cells[(s, m)] for s in sizes)] for m in names])
+    return table(["size", *names], [[format_size(s), *(cells[(s, m)] for m in names)] for s in sizes])
 
 
 def headline(results: dict) -> str:
