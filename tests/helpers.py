@@ -26,11 +26,12 @@ def strict_cut(t: torch.Tensor) -> torch.Tensor:
 
 
 # Every way to ask for each backward; the attached ones stay in the graph. A
-# module takes the rows it needs by name.
+# module takes the rows it needs by name. Each looks its function up when called:
+# conftest.implementation swaps in the fallback, whose torch.ops.gradbridge is empty.
 SETTINGS: dict[str, Callable[[Tensor], Tensor]] = {
-    "cut": bridge,
-    "BridgeFunction": BridgeFunction.apply,
-    "torch.ops cut": torch.ops.gradbridge.bridge,
+    "cut": lambda t: bridge(t),
+    "BridgeFunction": lambda t: BridgeFunction.apply(t),
+    "torch.ops cut": lambda t: torch.ops.gradbridge.bridge(t),
     "strict cut": strict_cut,
     "reversal": lambda t: bridge(t, -1.0),
     "torch.ops reversal": lambda t: torch.ops.gradbridge.bridge(t, -1.0),
@@ -41,6 +42,12 @@ SETTINGS: dict[str, Callable[[Tensor], Tensor]] = {
 GRAD_SCALE = {"reversal": -1.0, "torch.ops reversal": -1.0, "attach": 0.0, "Bridge module": 0.5}
 # Settings whose result shares t's version counter (detach()'s rule).
 SHARES_VERSION = {"strict cut", *GRAD_SCALE}
+
+
+def native(*calls: Callable) -> tuple[Callable, ...]:
+    """The calls of the operator itself (torch.ops.gradbridge), where the native build registered it:
+    under the fallback (conftest.implementation) there is none, and the public calls are what is tested."""
+    return calls if gradbridge_ext.NATIVE else ()
 
 
 def metadata(t: torch.Tensor) -> tuple:

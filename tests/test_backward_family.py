@@ -15,7 +15,7 @@ import gradbridge_ext
 from gradbridge_ext import Bridge, bridge
 
 from conftest import requires_torch, torch_at_least
-from helpers import assert_alias
+from helpers import assert_alias, native
 
 # Each test runs on the native operator and on the pure-Python fallback (conftest.implementation).
 pytestmark = pytest.mark.usefixtures("implementation")
@@ -156,6 +156,7 @@ def test_attach_false_with_a_scale_is_refused_by_the_operator(call) -> None:
         call(torch.ones(2, requires_grad=True))
 
 
+@pytest.mark.native_only("the operator itself: the fallback registers none")
 def test_the_private_hand_off_refuses_calls_bridge_would_not_make() -> None:
     hand_off = gradbridge_ext._C._bridge_parsed  # what the Python entry calls once it has parsed
     for args in [(1, 2.0, None), (torch.ones(1), "x", None), (torch.ones(1), 1, None), (torch.ones(1), 1.0, 1), (torch.ones(1),)]:
@@ -270,6 +271,7 @@ def test_double_backward_through_the_reversal() -> None:
     assert gg.tolist() == [-6.0, -12.0]
 
 
+@pytest.mark.native_only("the operator itself: the fallback registers none")
 def test_every_entry_point_takes_the_options() -> None:
     x = torch.ones(2, requires_grad=True)
     for result in (
@@ -335,6 +337,7 @@ def test_strict_mode_makes_autograd_catch_the_stale_save() -> None:
 
 
 @pytest.mark.parametrize("value, strict", [("1", True), ("0", False), ("", False), ("yes", True)])
+@pytest.mark.native_only("reads the native strict flag in a process of its own")
 def test_strict_mode_from_the_environment(value: str, strict: bool) -> None:
     env = dict(os.environ, GRADBRIDGE_STRICT=value)
     probe = "import gradbridge_ext; print(gradbridge_ext._C._is_strict())"
@@ -354,7 +357,7 @@ def test_a_grad_scale_tensor_scales_by_its_value_at_the_forward(device: str) -> 
     scale = torch.tensor(-0.5, device=device)
     x = torch.ones(3, device=device, requires_grad=True)
     # torch.ops's overload resolution takes a 0-dim tensor as a float, so the tensor form is named.
-    for entry in (lambda t: bridge(t, scale), lambda t: torch.ops.gradbridge.bridge.Tensor(t, scale), Bridge(grad_scale=scale)):
+    for entry in (lambda t: bridge(t, scale), *native(lambda t: torch.ops.gradbridge.bridge.Tensor(t, scale)), Bridge(grad_scale=scale)):
         x.grad = None
         result = entry(x * 2)
         assert result.grad_fn.name() == "BridgeBackward"
@@ -402,8 +405,9 @@ def test_bad_grad_scale_tensors_raise(scale: torch.Tensor, kwargs: dict, error: 
         with pytest.raises(error, match=match):
             call()
     if not kwargs:
-        with pytest.raises(error, match=match):
-            torch.ops.gradbridge.bridge.Tensor(torch.ones(2), scale)
+        for call in native(lambda: torch.ops.gradbridge.bridge.Tensor(torch.ones(2), scale)):
+            with pytest.raises(error, match=match):
+                call()
 
 
 @pytest.mark.parametrize(
@@ -420,7 +424,7 @@ def test_a_grad_scale_mask_scales_each_element_and_the_forward_stays_an_alias(ma
     mask = mask.to(device)
     t = torch.randn(4, 3, device=device, requires_grad=True)
     upstream = torch.randn(4, 3, device=device)
-    for entry in (lambda b: bridge(b, mask), lambda b: torch.ops.gradbridge.bridge.Tensor(b, mask), Bridge(grad_scale=mask)):
+    for entry in (lambda b: bridge(b, mask), *native(lambda b: torch.ops.gradbridge.bridge.Tensor(b, mask)), Bridge(grad_scale=mask)):
         t.grad = None
         b = t * 1
         result = entry(b)

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 import gradbridge_ext
 from conftest import requires_torch, torch_at_least
 from gradbridge_ext import Bridge, bridge, straight_through
-from helpers import TernaryLinear, assert_alias, ternary, unsupported_kinds, unsupported_tensors
+from helpers import TernaryLinear, assert_alias, native, ternary, unsupported_kinds, unsupported_tensors
 
 # Each test runs on the native operator and on the pure-Python fallback (conftest.implementation).
 pytestmark = pytest.mark.usefixtures("implementation")
@@ -30,8 +30,8 @@ def trick(x: Tensor, q: Tensor, grad_scale: float = 1.0) -> Tensor:
 
 # Every way to ask for the STE, with the gradient each sends to x per unit of incoming gradient.
 SETTINGS = {
-    "straight_through": (straight_through, 1.0),
-    "torch.ops": (torch.ops.gradbridge.straight_through, 1.0),
+    "straight_through": (lambda x, q: straight_through(x, q), 1.0),  # looked up when called (helpers.SETTINGS)
+    "torch.ops": (lambda x, q: torch.ops.gradbridge.straight_through(x, q), 1.0),
     "grad_scale": (lambda x, q: straight_through(x, q, -0.5), -0.5),
     "grad_scale keyword": (lambda x, q: straight_through(x, q, grad_scale=2.0), 2.0),
     "tensor grad_scale": (lambda x, q: straight_through(x, q, torch.tensor(0.25)), 0.25),
@@ -158,7 +158,7 @@ def test_meta_tensors_give_shapes(device: str) -> None:
 def test_bad_arguments_raise_by_name(x: Tensor, q: Tensor, args: tuple, error: type, match: str) -> None:
     # torch.ops's overload resolution takes a 0-dim tensor as a float, so the tensor form is named.
     overload = "Tensor" if args and isinstance(args[0], Tensor) else "default"
-    for entry in (straight_through, getattr(torch.ops.gradbridge.straight_through, overload)):
+    for entry in (straight_through, *native(lambda *a: getattr(torch.ops.gradbridge.straight_through, overload)(*a))):
         with pytest.raises(error, match=match):
             entry(x.requires_grad_(x.is_floating_point()), q, *args)
 
@@ -308,6 +308,7 @@ def test_torchscript_onnx_exporter_writes_an_identity_of_q(tmp_path: Path) -> No
     assert torch.equal(torch.from_numpy(got), x.round() * 2)
 
 
+@pytest.mark.native_only("the operator itself: the fallback registers none")
 def test_torchscript_calls_the_operator() -> None:
     @torch.jit.script
     def scripted(x: Tensor, q: Tensor, scale: float) -> Tensor:
@@ -323,6 +324,7 @@ def test_torchscript_calls_the_operator() -> None:
 
 @requires_torch("2.4", "torch.library.opcheck")
 @pytest.mark.parametrize("scale", [1.0, -0.5, "tensor"])
+@pytest.mark.native_only("the operator itself: the fallback registers none")
 def test_opcheck(scale: float | str) -> None:
     x = torch.randn(3, 4, requires_grad=True)
     args = (x, x.detach().round(), torch.tensor(0.5) if scale == "tensor" else scale)
@@ -340,6 +342,7 @@ def test_the_public_name_is_the_compiled_entry() -> None:
     assert straight_through.__text_signature__ == "(x, q, /, grad_scale=1.0)"
 
 
+@pytest.mark.native_only("the operator itself: the fallback registers none")
 def test_the_private_hand_off_refuses_calls_straight_through_would_not_make() -> None:
     hand_off = gradbridge_ext._C._straight_through_parsed  # what the Python entry calls once it has parsed
     x = torch.ones(1)
@@ -373,7 +376,7 @@ def test_layouts_without_one_storage_are_refused_by_name(kind: str, which: str) 
     given = "a nested tensor" if kind.startswith("nested") else "a quantized tensor" if kind == "quantized" else f"a tensor with layout {kind.split()[0]}"
     message = (rf"^gradbridge::straight_through\(x, q\): {which} must be a dense strided tensor, so that there is one "
                rf"storage to alias; got {re.escape(given)}\. Use x \+ \(q - x\)\.detach\(\) for it\.")  # fmt: skip
-    for call in (straight_through, torch.ops.gradbridge.straight_through):
+    for call in (straight_through, *native(lambda *a: torch.ops.gradbridge.straight_through(*a))):
         with pytest.raises(NotImplementedError, match=message):
             call(x, q)
         with pytest.raises(NotImplementedError, match=message):
@@ -393,8 +396,8 @@ def test_a_mask_on_another_device_is_refused_at_the_call(device: str, mask_devic
     mask = torch.tensor([1.0, 0.0, 2.0], device=mask_device)
     expected = rf"{{}}: a grad_scale tensor must be on {{}}'s device, {x.device}, or be a 0-dim CPU tensor; got a \[3\] tensor on {mask.device}$"
     calls = {
-        ("bridge", "t"): [lambda: bridge(x, mask), lambda: torch.ops.gradbridge.bridge(x, mask), lambda: Bridge(grad_scale=mask)(x)],
-        ("straight_through", "x"): [lambda: straight_through(x, q, mask), lambda: torch.ops.gradbridge.straight_through(x, q, mask)],
+        ("bridge", "t"): [lambda: bridge(x, mask), *native(lambda: torch.ops.gradbridge.bridge(x, mask)), lambda: Bridge(grad_scale=mask)(x)],
+        ("straight_through", "x"): [lambda: straight_through(x, q, mask), *native(lambda: torch.ops.gradbridge.straight_through(x, q, mask))],
     }
     for (op, name), entries in calls.items():
         for call in entries:
