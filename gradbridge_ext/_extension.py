@@ -26,9 +26,12 @@ import getpass
 import hashlib
 import importlib
 import importlib.util
+import json
 import os
+import shlex
 import shutil
 import stat
+import subprocess
 import sys
 import tempfile
 import time
@@ -105,10 +108,11 @@ def load() -> ModuleType | None:
     reason is raised as an ImportError instead.
     """
     _warn_if_untested_torch()
+    required = flag_from_environment(REQUIRE_NATIVE_ENV)  # a bad value is an error with or without a compiler
     try:
         return _load_native()
-    except ImportError as error:
-        if flag_from_environment(REQUIRE_NATIVE_ENV):
+    except Exception as error:  # whatever stops the native operator (no HOME, a full disk): the import goes on
+        if required:
             raise
         warnings.warn(_fallback_warning(error), UserWarning, stacklevel=2)
         return None
@@ -120,19 +124,21 @@ def flag_from_environment(name: str) -> bool:
     if value in ("1", "true", "yes", "on"):
         return True
     if value not in ("", "0", "false", "no", "off"):
-        raise ValueError(f"{name}={os.environ[name]!r}: expected 1 or 0")
+        raise ValueError(f"{name}={os.environ[name]!r}: expected 1 or 0 (or true/false, yes/no, on/off)")
     return False
 
 
-def _fallback_warning(error: ImportError) -> str:
+def _fallback_warning(error: Exception) -> str:
     # The first line says why; a longer message (a compiler's output) ends with the fix.
     lines = str(error).strip().splitlines() or ["no reason given"]
     why = lines[0].removeprefix("gradbridge_ext: ").rstrip(".")
+    if not isinstance(error, ImportError):  # not one of ours: name it
+        why = f"{type(error).__name__}: {why}"
     fix = f" {lines[-1]}" if len(lines) > 1 else ""
     return (
         f"gradbridge_ext: using the pure-Python fallback, not the native operator: {why}.{fix} The fallback "
         "gives the same values, aliases and gradients, but each call runs Python: microseconds, as a Python "
-        "gradient reversal layer costs, several times the native operator's (the benchmark's fallback section "
+        "gradient reversal layer costs, many times the native operator's (the benchmark's fallback section "
         "measures both); a cut shares its input's version counter, and torch.ops.gradbridge is not registered "
         "(docs/semantics.md, 'The pure-Python fallback'). "
         f"Set {REQUIRE_NATIVE_ENV}=1 to make this an error."
@@ -312,7 +318,7 @@ def _build_lock(build_dir: Path) -> Iterator[None]:
     lock = _os_lock(path)
     try:
         lock.acquire(timeout=0)
-    except filelock.Timeout:
+    except filelock.Timeout:  # before OSError, which it is
         try:
             holder = holder_note.read_text()[:64] or "another process"
         except OSError:
@@ -328,12 +334,33 @@ def _build_lock(build_dir: Path) -> Iterator[None]:
                 f"stuck, end it (the lock goes with it) and import again, or set {CACHE_ENV} to "
                 "another folder."
             ) from None
+    except OSError:  # a file system with no OS lock (some NFS, FUSE): unlocked, as where the platform has none
+        yield
+        return
     try:
         # Beside the lock, not in it: filelock truncates the lock file each time a waiter tries it.
-        holder_note.write_text(f"process {os.getpid()}")
+        _write_private(holder_note, f"process {os.getpid()}")
         yield
     finally:
         lock.release()
+
+
+# The build runs in a child process, which loads the library it built and exits:
+# this one loads it only from its published folder (Windows can rename no folder
+# holding a loaded DLL, and loads by path: a second copy would register twice).
+_COMPILE = """
+import json, sys
+from torch.utils import cpp_extension
+folder, sources, flags = json.loads(sys.argv[1])
+cpp_extension.load(name="_C", sources=sources, build_directory=folder, extra_cflags=flags, is_python_module=False, verbose=False)
+"""
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write a file only this user can read, never through a link planted in a shared cache root."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    with os.fdopen(fd, "w") as file:
+        file.write(text)
 
 
 def _build(build_dir: Path, files: list[Path], why: str, reason: str) -> None:
@@ -350,44 +377,40 @@ def _build(build_dir: Path, files: list[Path], why: str, reason: str) -> None:
         staging = Path(tempfile.mkdtemp(prefix=build_dir.name + ".tmp-", dir=build_dir.parent))  # mode 0700
     except OSError as error:
         raise _cache_error("create a build folder in", build_dir.parent, error) from error
-    from torch.utils import cpp_extension
-
     try:
-        # is_python_module=False: build and load the library only; the
-        # module is imported below by path, under its package's name.
-        cpp_extension.load(
-            name="_C",
-            sources=[str(path) for path in files if path.suffix == ".cpp"],
-            build_directory=str(staging),
-            extra_cflags=CXX_FLAGS,
-            is_python_module=False,
-            verbose=False,
-        )
-        (staging / RECORD).write_text(_record(staging / BINARY))
-        for name, mode in ((BINARY, 0o700), (RECORD, 0o600)):  # whatever the umask, or we would refuse them
-            (staging / name).chmod(mode)
+        sources = [str(path) for path in files if path.suffix == ".cpp"]
+        child = subprocess.run([sys.executable, "-c", _COMPILE, json.dumps([str(staging), sources, CXX_FLAGS])],
+                               capture_output=True, text=True)  # fmt: skip
+        if child.returncode != 0:
+            raise RuntimeError(child.stderr.strip() or f"the compiling process exited with {child.returncode}")
+        _write_private(staging / RECORD, _record(staging / BINARY))
+        (staging / BINARY).chmod(0o700)  # whatever the umask, or we would refuse it
+        if _verified_binary(build_dir) is not None:  # published meanwhile, where no OS lock serialised us
+            shutil.rmtree(staging, ignore_errors=True)
+            return
         if build_dir.exists():  # a damaged build of ours, which nobody can be using: we hold the lock
             shutil.rmtree(build_dir)
-        # NB: the library is already loaded from staging; the rename keeps its inode,
-        # so importing it from build_dir finds that same library (the dynamic
-        # loader matches files by device and inode), not a second copy.
         os.rename(staging, build_dir)
+        build_dir.with_name(build_dir.name + ".log").unlink(missing_ok=True)  # an earlier failure's
     except Exception as error:
         shutil.rmtree(staging, ignore_errors=True)
         log = build_dir.with_name(build_dir.name + ".log")
         try:
-            log.write_text(f"{error}\n")
+            _write_private(log, f"{error}\n")
             where = f"; the build's output is in {log}"
         except OSError:
             where = ""
         raise ImportError(
-            f"gradbridge_ext: the native operator {why}, and compiling it failed{where}.\n{error}\n{_FIX}"
+            f"gradbridge_ext: the native operator {why}, and compiling it failed{where}.\n{str(error)[-4000:]}\n{_FIX}"
         ) from error
 
 
 def _check_compiler(why: str) -> None:
     """Fail at once, naming it, where there is no compiler: torch's build would say so only after ninja ran."""
-    compiler = (os.environ.get("CXX") or ("cl" if sys.platform == "win32" else "c++")).split()[0]
+    if sys.platform == "win32" and "VSCMD_ARG_TGT_ARCH" not in os.environ:
+        return  # torch's build sets up Visual Studio's environment itself, so cl need not be on PATH yet
+    words = shlex.split(os.environ.get("CXX", ""), posix=sys.platform != "win32")
+    compiler = words[0] if words else ("cl" if sys.platform == "win32" else "c++")
     if shutil.which(compiler) is None:
         raise ImportError(
             f"gradbridge_ext: the native operator {why}, and there is no C++ compiler ({compiler}) on PATH to "

@@ -101,7 +101,9 @@ def test_a_failed_build_warns_with_its_log(tmp_path: Path) -> None:
 def test_simulated_windows_imports_and_names_msvc(tmp_path: Path) -> None:
     # Before: ModuleNotFoundError (fcntl). Here no cl.exe can run, so the import
     # must end in the fallback, with Windows' binary name and cache folder.
-    result = import_with(tmp_path, WINDOWS, LOCALAPPDATA=str(tmp_path / "local"), **{_extension.CACHE_ENV: ""})
+    # VSCMD_ARG_TGT_ARCH: a Visual Studio prompt's, where cl must be on PATH (elsewhere torch's build finds it).
+    result = import_with(tmp_path, WINDOWS, LOCALAPPDATA=str(tmp_path / "local"), VSCMD_ARG_TGT_ARCH="x64",
+                         **{_extension.CACHE_ENV: ""})  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     native, binary, root = result.stdout.split()
     assert (native, binary, root) == ("False", "_C.pyd", str(tmp_path / "local" / "gradbridge_ext" / "Cache"))
@@ -124,7 +126,8 @@ def test_an_install_without_a_compiler_ships_the_sources_and_imports(tmp_path: P
     assert probe.stdout.split()[0] == "False" and probe.stderr.count(FALLBACK) == 1
 
     required = subprocess.run(install, env={**env, _extension.REQUIRE_NATIVE_ENV: "1"}, capture_output=True, text=True, timeout=900)
-    assert required.returncode != 0  # CI's install fails loudly instead
+    assert required.returncode != 0  # CI's install fails loudly instead, naming the compile
+    assert "compiling the operator failed" not in required.stderr and "subprocess-exited-with-error" in required.stderr
 
 
 @pytest.mark.parametrize(
@@ -173,8 +176,10 @@ def test_the_fallback_refuses_an_export_that_would_drop_a_backward(implementatio
     chain = [refused.value]  # dynamo (torch 2.5) wraps it
     while chain[-1].__cause__ or chain[-1].__context__:
         chain.append(chain[-1].__cause__ or chain[-1].__context__)
-    if not strict or torch_at_least("2.6"):  # torch 2.5's dynamo reraises it as "Observed exception", without its text
-        assert any("keeps this call's backward only through the native operator" in str(e) for e in chain), chain
+    expected = "keeps this call's backward only through the native operator"
+    if strict and not torch_at_least("2.6"):
+        expected = "Observed exception"  # torch 2.5's dynamo reraises it so, without its text
+    assert any(expected in str(e) for e in chain), chain
     with torch.no_grad():  # for inference it exports, and the values are eager's
         exported = torch.export.export(model, (torch.ones(2, 3),), strict=strict)
     assert torch.equal(exported.module()(torch.ones(2, 3)), model(torch.ones(2, 3)))
