@@ -36,11 +36,11 @@ test: setup
 # and torch warns on every import without it. One Python start checks it all
 # (each imports torch: three took a second run to 10.4 s, one to 6.8-8.0 s).
 example:
-	@$(PYTHON) -c "import sys; sys.path.remove(''); import numpy, gradbridge_ext" 2>/dev/null || { \
+	@$(PYTHON) -c "import sys; sys.path[:] = [p for p in sys.path if p]; import numpy, gradbridge_ext" 2>/dev/null || { \
 	  { $(PYTHON) -c "import torch" 2>/dev/null || { \
 	    echo "make: no torch is importable; installing torch==2.13.0 with pip (which build depends on your pip's index)"; \
 	    $(PYTHON) -m pip install torch==2.13.0; }; } && \
-	  { $(PYTHON) -c "import sys; sys.path.remove(''); import gradbridge_ext" 2>/dev/null || { \
+	  { $(PYTHON) -c "import sys; sys.path[:] = [p for p in sys.path if p]; import gradbridge_ext" 2>/dev/null || { \
 	    echo "make: gradbridge_ext is not importable; installing it (pip install --no-build-isolation .)"; \
 	    $(PYTHON) -m pip install "setuptools>=77" ninja && $(PYTHON) -m pip install --no-build-isolation .; }; } && \
 	  { $(PYTHON) -c "import numpy" 2>/dev/null || $(PYTHON) -m pip install numpy; }; }

@@ -127,8 +127,9 @@ def fallback_cost(page: Path, runs: dict[str, dict]) -> str:
     costs = "; ".join(f"{what}, {format_ns(ns['fallback ' + m])} against {format_ns(ns[m])}" for m, what in pairs)
     packages = [f"{name} {format_ns(ns[name])}" for name in ("pytorch-revgrad", "torch-gradient-reversal") if name in ns]
     return (
-        f"Measured by the committed CPU benchmark ({machine(env)}, torch {env['torch']}; median per call from Python, "
-        f"a {small}-byte leaf that requires grad): fallback against native, {costs}; `t.detach()` takes "
+        f"Measured by the committed CPU benchmark's fallback section ({machine(env)}, torch {env['torch']}; median per "
+        f"call from Python, a {small}-byte leaf that requires grad, its own interleaved run, so its native figures differ "
+        f"from the latency section's above): fallback against native, {costs}; `t.detach()` takes "
         f"{format_ns(ns['detach'])}" + (f", and the PyPI reversal layers {' and '.join(packages)}" if packages else "") + ".\n"
     )
 
