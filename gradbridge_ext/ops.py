@@ -602,11 +602,13 @@ def _dynamo_is_exporting() -> bool:
     """Whether dynamo traces for torch.export, where torch has no torch.compiler.is_exporting (2.5): its tracer says."""
     from torch._dynamo.symbolic_convert import InstructionTranslator
 
+    # No dynamo frame (none yet: an AttributeError; none since the last: None) while
+    # compiling is the fallback under torch 2.5's non-strict export.
     try:
         tx = InstructionTranslator.current_tx()
-    except AttributeError:  # compiling with no dynamo frame: the fallback under 2.5's non-strict export
-        return True
-    return bool(getattr(tx, "export", False))
+    except AttributeError:
+        tx = None
+    return tx is None or bool(getattr(tx, "export", False))
 
 
 def _register_compile_rule() -> None:
