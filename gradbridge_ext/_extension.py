@@ -311,8 +311,8 @@ def _build_lock(build_dir: Path) -> Iterator[None]:
     try:
         # Made here, not by filelock: a link planted in a shared root is refused, and an error names the setting.
         os.close(os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600))
-        if _untrusted(path):
-            raise OSError(0, _untrusted(path))
+        if why := _untrusted(path):
+            raise OSError(0, why)
     except OSError as error:
         raise _cache_error("create the lock file", path, error) from error
     lock = _os_lock(path)

@@ -152,7 +152,8 @@ def _compiling() -> bool:
     return dynamo is not None and dynamo.is_compiling()
 
 
-def _save(ctx: Any, scale: float | Tensor | None) -> None:
+def save_scale(ctx: Any, scale: float | Tensor | None) -> None:
+    """What every backward here and in ops.py's compile stand-ins reads: the scale, or None."""
     ctx.scale_is_tensor = isinstance(scale, Tensor)
     if ctx.scale_is_tensor:
         ctx.save_for_backward(scale)  # its value at the forward, as the native kernel saves it
@@ -183,7 +184,7 @@ def _straight_through_backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, N
 class Bridge(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, t: Tensor, scale: float | Tensor | None) -> Tensor:
-        _save(ctx, scale)
+        save_scale(ctx, scale)
         return t.view_as(t)
 
     backward = staticmethod(_bridge_backward)
@@ -192,7 +193,7 @@ class Bridge(torch.autograd.Function):
 class StraightThrough(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, q: Tensor, scale: float | Tensor | None) -> Tensor:
-        _save(ctx, scale)
+        save_scale(ctx, scale)
         return q.view_as(q)
 
     backward = staticmethod(_straight_through_backward)
@@ -210,7 +211,7 @@ class _UnderTransforms:
 
         @staticmethod
         def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-            _save(ctx, inputs[1])
+            save_scale(ctx, inputs[1])
 
         backward = staticmethod(_bridge_backward)
 
@@ -223,7 +224,7 @@ class _UnderTransforms:
 
         @staticmethod
         def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-            _save(ctx, inputs[2])
+            save_scale(ctx, inputs[2])
 
         backward = staticmethod(_straight_through_backward)
 

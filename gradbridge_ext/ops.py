@@ -406,14 +406,6 @@ def _register_if_available(module: Any, name: str, *args: Any) -> Any:
     return register(*args) if register is not None else lambda function: function
 
 
-def _save_scale(ctx: Any, grad_scale: float | Tensor | None) -> None:
-    ctx.scale_is_tensor = isinstance(grad_scale, Tensor)
-    if ctx.scale_is_tensor:
-        ctx.save_for_backward(grad_scale)  # as the eager kernel saves it: its value at the forward
-    else:
-        ctx.grad_scale = grad_scale
-
-
 def _scaled(ctx: Any, grad: Tensor) -> Tensor | None:
     """The eager ScaledGradBackward: ``grad_scale * grad``, or ``None`` for ``grad_scale=None``."""
     if ctx.scale_is_tensor:
@@ -421,7 +413,7 @@ def _scaled(ctx: Any, grad: Tensor) -> Tensor | None:
         if scale.device != grad.device and scale.device.type != "cpu":
             scale = scale.to(grad.device)
         return grad * scale
-    return None if ctx.grad_scale is None else grad * ctx.grad_scale
+    return None if ctx.scale is None else grad * ctx.scale
 
 
 # NOTE [A compiled attached result is a copy]
@@ -447,7 +439,7 @@ class _AttachedBridge(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Tensor, float | Tensor | None], output: Tensor) -> None:
-        _save_scale(ctx, inputs[1])
+        _fallback.save_scale(ctx, inputs[1])
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None]:
@@ -464,7 +456,7 @@ class _StraightThrough(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Tensor, Tensor, float | Tensor | None], output: Tensor) -> None:
         ctx.x_dtype = inputs[0].dtype
-        _save_scale(ctx, inputs[2])
+        _fallback.save_scale(ctx, inputs[2])
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None]:
