@@ -11,8 +11,18 @@
 #include <torch/csrc/autograd/VariableTypeUtils.h>
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/autograd/saved_variable.h>
+#include <torch/csrc/dynamo/compiled_autograd.h>
 #include <torch/library.h>
 #include <torch/version.h>
+
+// torch's internal APIs drift between releases; each use says which it needs.
+#define GRADBRIDGE_TORCH_AT_LEAST(major, minor) \
+  (TORCH_VERSION_MAJOR > (major) || (TORCH_VERSION_MAJOR == (major) && TORCH_VERSION_MINOR >= (minor)))
+#if GRADBRIDGE_TORCH_AT_LEAST(2, 7)
+#define GRADBRIDGE_CONST_FROM_2_7 const
+#else
+#define GRADBRIDGE_CONST_FROM_2_7
+#endif
 
 #include <atomic>
 #include <cmath>
@@ -90,7 +100,7 @@ const char* layout_name(at::Layout layout) {
     case at::kSparseBsc: return "torch.sparse_bsc";
     case at::kMkldnn: return "torch._mkldnn";
     // NB: torch 2.1 has no jagged layout (nested tensors there are strided).
-#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 2)
+#if GRADBRIDGE_TORCH_AT_LEAST(2, 2)
     case at::kJagged: return "torch.jagged";
 #endif
     default: return "other than torch.strided";
@@ -285,6 +295,35 @@ const c10::TypedOperatorHandle<StraightThroughTensorSignature>& straight_through
 // need a host sync. A mask (a scale tensor of more dimensions) broadcasts to
 // the gradient's shape, which check_scale_tensor made sure it does not grow.
 // The scale itself gets no gradient: the forward does not depend on it.
+at::Tensor scaled_grad(const at::Tensor& grad, double grad_scale, const at::Tensor& scale_tensor) {
+  if (!grad.defined() || (!scale_tensor.defined() && grad_scale == 0)) {
+    return at::Tensor();
+  }
+  if (scale_tensor.defined()) {
+    auto scale = scale_tensor;
+    // A CPU scale is read on the host, with no device sync; any other is moved.
+    if (scale.device() != grad.device() && !scale.is_cpu()) {
+      scale = scale.to(grad.device());
+    }
+    return grad.mul(scale);
+  }
+  return grad_scale == 1 ? grad : grad.mul(grad_scale);
+}
+
+#if GRADBRIDGE_TORCH_AT_LEAST(2, 7)
+// What compiled autograd's graph calls for ScaledGradBackward (NOTE [Compiled
+// autograd]): the gradient, and the node's grad_scale and scale tensor, packed.
+constexpr const char* kLiftedName = "gradbridge_ScaledGradBackward";
+
+torch::autograd::variable_list scaled_grad_functional(
+    const torch::autograd::variable_list& grads, const torch::dynamo::autograd::ivalue_list& packed) {
+  torch::dynamo::autograd::PackedArgs args(packed);
+  const auto grad_scale = args.unpack<double>();
+  const auto scale_tensor = args.unpack<at::Tensor>();
+  return {scaled_grad(grads[0], grad_scale, scale_tensor)};
+}
+#endif
+
 struct ScaledGradBackward : public torch::autograd::Node {
   ScaledGradBackward(const char* name, double grad_scale) : name_(name), grad_scale(grad_scale) {}
   ScaledGradBackward(const char* name, const at::Tensor& grad_scale)
@@ -292,19 +331,7 @@ struct ScaledGradBackward : public torch::autograd::Node {
 
   torch::autograd::variable_list apply(
       torch::autograd::variable_list&& grads) override {
-    const auto& grad = grads[0];
-    if (!grad.defined() || (!has_scale_tensor && grad_scale == 0)) {
-      return {at::Tensor()};
-    }
-    if (has_scale_tensor) {
-      auto scale = scale_tensor.unpack();
-      // A CPU scale is read on the host, with no device sync; any other is moved.
-      if (scale.device() != grad.device() && !scale.is_cpu()) {
-        scale = scale.to(grad.device());
-      }
-      return {grad.mul(scale)};
-    }
-    return {grad_scale == 1 ? grad : grad.mul(grad_scale)};
+    return {scaled_grad(grads[0], grad_scale, has_scale_tensor ? scale_tensor.unpack() : at::Tensor())};
   }
 
   std::string name() const override {
@@ -314,6 +341,62 @@ struct ScaledGradBackward : public torch::autograd::Node {
   void release_variables() override {
     scale_tensor.reset_data();
   }
+
+  // NOTE [Compiled autograd]
+  // Compiled autograd traces the backward pass instead of running it: it asks
+  // each node for its constants (the compiled backward's cache key) and its
+  // saved tensors (the traced graph's inputs), then calls apply_with_saved with
+  // the saved tensors swapped for the graph's proxies. A number grad_scale is a
+  // constant, as a Scalar is to torch's MulBackward1: a new value compiles the
+  // backward again (a schedule that changes every step takes a 0-dim tensor,
+  // which is an input). The multiply is recorded as torch records its own
+  // nodes' backwards: before torch 2.7, by tracing apply()'s ATen ops; from 2.7,
+  // as one opaque call of a function bound once per process, because the
+  // gradients that reach a node there are placeholders of no real shape, which
+  // a mask cannot broadcast against. A gradient that is none, or the same
+  // tensor, needs no call: the placeholder of a call is never None.
+  void compiled_args(torch::dynamo::autograd::CompiledNodeArgs& args) GRADBRIDGE_CONST_FROM_2_7 override {
+    args.collect(grad_scale);
+    args.collect(has_scale_tensor);
+#if GRADBRIDGE_TORCH_AT_LEAST(2, 5)
+    args.collect(scale_tensor, /*is_output=*/false);
+#else
+    args.collect(scale_tensor);
+#endif
+  }
+
+  torch::autograd::variable_list apply_with_saved(
+      const torch::autograd::variable_list& grads, torch::dynamo::autograd::SwapSavedVariables& saved) override {
+    saved.before(scale_tensor);
+    auto result = traced_backward(grads, saved);
+    saved.after(scale_tensor);
+    return result;
+  }
+
+ private:
+  torch::autograd::variable_list traced_backward(
+      const torch::autograd::variable_list& grads, torch::dynamo::autograd::SwapSavedVariables& saved) {
+#if GRADBRIDGE_TORCH_AT_LEAST(2, 7)
+    if (grads[0].defined() && (has_scale_tensor || (grad_scale != 0 && grad_scale != 1))) {
+      namespace ca = torch::dynamo::autograd;
+      const auto& compiler = ca::getPyCompilerInterface();
+      static const bool bound [[maybe_unused]] = [&] {
+        compiler->bind_function(saved.get_py_compiler(), kLiftedName, &scaled_grad_functional,
+                                {ca::IValuePacker<double>::packed_type(), ca::IValuePacker<at::Tensor>::packed_type()});
+        return true;
+      }();
+      ca::PackedArgs args;
+      args.pack(grad_scale);
+      args.pack(has_scale_tensor ? scale_tensor.unpack() : at::Tensor());
+      auto metadata = ca::IValuePacker<std::vector<std::optional<torch::autograd::InputMetadata>>>::pack(
+          ca::get_input_metadata(next_edges()));
+      return compiler->call_function(saved.get_py_compiler(), "apply_functional", kLiftedName, grads, args.vec(), metadata);
+    }
+#endif
+    return apply(torch::autograd::variable_list(grads));
+  }
+
+ public:
 
   const char* const name_;
   const double grad_scale;

@@ -143,6 +143,13 @@ def _old_export_traces() -> bool:
     )
 
 
+def _traced_below_autograd() -> bool:
+    """Whether make_fx records this call: it records the Functions below' forwards only, dropping their backwards."""
+    proxy_tensor = sys.modules.get("torch.fx.experimental.proxy_tensor")  # not imported: nothing traces
+    get_proxy_mode = getattr(proxy_tensor, "get_proxy_mode", None)
+    return get_proxy_mode is not None and get_proxy_mode() is not None
+
+
 def _compiling() -> bool:
     """Whether dynamo traces this call: it then needs the compile stand-ins (ops.py)."""
     is_compiling = getattr(torch.compiler, "is_compiling", None)  # torch 2.3
@@ -253,7 +260,7 @@ def bridge(t: Tensor, grad_scale: float | Tensor, attach: bool | None) -> Tensor
         )
     if not attached or not recorded(t):
         return t.detach()
-    if _old_export_traces():
+    if _old_export_traces() or _traced_below_autograd():
         return unexportable("bridge", True, t)
     scale = grad_scale if isinstance(grad_scale, Tensor) or grad_scale != 0 else None
     return _functions().Bridge.apply(t, scale)
@@ -270,7 +277,7 @@ def straight_through(x: Tensor, q: Tensor, grad_scale: float | Tensor) -> Tensor
         raise NotImplementedError("gradbridge::straight_through: forward-mode AD is not supported")
     if not recorded(x):
         return q.detach()
-    if _old_export_traces():
+    if _old_export_traces() or _traced_below_autograd():
         return unexportable("straight_through", True, q)
     scale = grad_scale if isinstance(grad_scale, Tensor) or grad_scale != 0 else None
     return _functions().StraightThrough.apply(x, q, scale)
@@ -290,8 +297,8 @@ def unexportable(op: str, recorded: bool, alias: Tensor) -> Tensor:
     """What torch.export captures without the operator: the plain alias where no gradient is at stake, else an error."""
     if recorded:
         raise RuntimeError(
-            f"gradbridge::{op}: torch.export keeps this call's backward only through the native operator, and "
-            "this process runs gradbridge_ext's pure-Python fallback (gradbridge_ext.NATIVE is False; the import "
-            "warned why). Export under torch.no_grad() for inference, or install the native operator."
+            f"gradbridge::{op}: torch.export (or make_fx) keeps this call's backward only through the native "
+            "operator, and this process runs gradbridge_ext's pure-Python fallback (gradbridge_ext.NATIVE is False; "
+            "the import warned why). Trace under torch.no_grad() for inference, or install the native operator."
         )
     return alias.detach()

@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import numbers
 import os
+import sys
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -550,39 +551,74 @@ for _overload in ("gradbridge::straight_through", "gradbridge::straight_through.
     _register_if_available(torch.library, "register_vmap", _overload)(_straight_through_vmap)
 
 
-def _alias(t: Tensor, *options: Any) -> Tensor:
-    _refuse_to_drop_the_backward("bridge", t)
-    return torch.ops.aten.alias.default(t)
+def _alias(t: Tensor, grad_scale: float | Tensor = 0.0, attach: bool | None = None) -> Tensor:
+    cut = not isinstance(grad_scale, Tensor) and grad_scale == 0 and attach is not True
+    return _decomposition("bridge", torch.ops.aten.detach.default(t) if cut else None, t, t)
 
 
 def _alias_of_q(x: Tensor, q: Tensor, grad_scale: Any = 1.0) -> Tensor:
-    _refuse_to_drop_the_backward("straight_through", x, q)
-    return torch.ops.aten.alias.default(q)
+    return _decomposition("straight_through", None, q, x, q)
 
 
-# torch 2.5's export captures the decomposition below in place of the operator
-# (its trace runs under the Python dispatcher, with autograd on): aten.alias's
-# gradient would silently replace the operator's. Newer torch calls it only
-# below autograd (run_decompositions, ONNX), where the alias is all there is;
-# fake-tensor checks (opcheck's) call it without the Python dispatcher.
+def _decomposition(op: str, cut: Tensor | None, alias_of: Tensor, *tensors: Tensor) -> Tensor:
+    """What the operator decomposes to, for the callers that must decompose it; NotImplemented for the others.
+
+    A cut is ``t.detach()``, exactly; the other settings are an alias below autograd.
+    """
+    if _EXPORT_KEEPS_THE_OPERATOR:
+        if not _functionalizing(*tensors):
+            return NotImplemented
+    elif _python_dispatcher_traces():
+        if cut is None:
+            _refuse_to_drop_the_backward(op, *tensors)
+    elif not _functionalizing(*tensors):
+        return NotImplemented
+    return cut if cut is not None else torch.ops.aten.alias.default(alias_of)
+
+
+def _functionalizing(*tensors: Tensor) -> bool:
+    """Whether functionalization asks for the decomposition, by its mode or its tensors."""
+    mode_key = getattr(torch._C, "_TorchDispatchModeKey", None)
+    if mode_key is not None and torch._C._get_dispatch_mode(mode_key.FUNCTIONAL) is not None:
+        return True
+    functional = sys.modules.get("torch._subclasses.functional_tensor")  # none exists before it is imported
+    return any(torch._is_functional_tensor(t) or (functional and isinstance(t, functional.FunctionalTensor)) for t in tensors)
+
+
+def _python_dispatcher_traces() -> bool:
+    return torch._C._dispatch_tls_local_include_set().has(torch._C.DispatchKey.PythonDispatcher)
+
+
+# torch 2.5's export, and its make_fx where the Python dispatcher is on
+# (symbolic and pre-dispatch tracing), capture the decomposition in place of the
+# operator (the trace runs under the Python dispatcher, with autograd on):
+# aten.alias's gradient would silently replace the operator's, so an attached
+# setting is refused there and a cut is detach. Newer torch decomposes it only
+# below autograd (run_decompositions, ONNX), where the alias is all there is.
 _EXPORT_KEEPS_THE_OPERATOR = _extension._minor(torch.__version__) >= (2, 6)
 
 
 def _refuse_to_drop_the_backward(op: str, *tensors: Tensor) -> None:
-    if _EXPORT_KEEPS_THE_OPERATOR or not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors):
+    if not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors):
         return
-    if torch._C._dispatch_tls_local_include_set().has(torch._C.DispatchKey.PythonDispatcher):
-        raise RuntimeError(
-            f"gradbridge::{op}: torch {torch.__version__} decomposes the operator while it exports, which would "
-            "drop its backward (ep.module() would train it as an identity). Export under torch.no_grad() for "
-            "inference, or use torch 2.6 or newer, whose export keeps the operator."
-        )
+    raise RuntimeError(
+        f"gradbridge::{op}: torch {torch.__version__} decomposes the operator when it traces under the Python "
+        "dispatcher (torch.export, make_fx with symbolic or pre-dispatch tracing), which would drop its backward "
+        "(the traced graph would train it as an identity). Trace under torch.no_grad() for inference, or use "
+        "torch 2.6 or newer, which keeps the operator."
+    )
 
 
 # NB: functionalization decomposes an op whose schema aliases its input through
 # the op's Python CompositeImplicitAutograd kernel. Registered with py_impl it
 # is seen only by tracing (the Python dispatcher); eager calls keep the C++
 # kernels. tests/test_export.py pins this, so a torch that changes it fails there.
+# Every other caller of the decomposition (make_fx's proxy mode, fake tensors,
+# the flop counter) takes NotImplemented as "record the operator itself": make_fx
+# asks whenever no kernel is registered at the tensor's backend key
+# (torch.utils._python_dispatch.autograd_would_have_decomposed), which misses
+# our CompositeExplicitAutograd kernel, and an aten.alias in a traced graph
+# would rerun with the identity's gradient (tests/test_compiled_gradients.py).
 if NATIVE:
     for _overload in (torch.ops.gradbridge.bridge.default, torch.ops.gradbridge.bridge.Tensor):
         _overload.py_impl(torch._C.DispatchKey.CompositeImplicitAutograd)(_alias)

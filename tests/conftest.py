@@ -5,7 +5,7 @@ import socket
 import sys
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -42,6 +42,8 @@ def device(request: pytest.FixtureRequest) -> str:
 TEST_DEVICE: dict[str, str] = {}
 
 
+# trylast: after -m and -k have deselected, so that a run none of whose tests uses it builds none.
+@pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
     # NB: torch's autograd engine makes its per-device queues at its first backward, for the
     # devices registered by then, and asserts on a device added later. Real plug-in backends
@@ -63,10 +65,6 @@ def test_device() -> str:
     if "skip" in TEST_DEVICE:
         pytest.skip(TEST_DEVICE["skip"])
     return TEST_DEVICE["name"]
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "native_only(why): the pure-Python fallback differs here, as docs/semantics.md says")
 
 
 @pytest.fixture(params=["native", "fallback"])
@@ -102,6 +100,14 @@ def implementation(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPat
 # is the range CI tests).
 def torch_at_least(version: str) -> bool:
     return _minor(torch.__version__) >= _minor(version)
+
+
+def tiered(names: str, cases: Iterable[tuple], fast: Callable[..., bool]) -> pytest.MarkDecorator:
+    """``parametrize(names, cases)``, each case the fast tier does not need marked ``slow``.
+
+    ``fast(*case)`` picks a covering subset: each value of each column at least once.
+    """
+    return pytest.mark.parametrize(names, [pytest.param(*case, marks=() if fast(*case) else pytest.mark.slow) for case in cases])
 
 
 def requires_torch(version: str, why: str) -> pytest.MarkDecorator:
