@@ -2,31 +2,39 @@
 # stamp per torch version skips the set-up until the sources or torch change.
 PYTHON ?= python3
 TORCH_VERSION := $(shell $(PYTHON) -c "import torch; print(torch.__version__)" 2>/dev/null)
+# What a machine without torch gets: .ci/torch-versions, the one place CI's torch releases are written.
+DEFAULT_TORCH := $(shell awk '$$1 == "default" {print $$2}' .ci/torch-versions)
 STAMP = .make/installed-torch-$(TORCH_VERSION)
-TEST_DEPS = "setuptools>=77" ninja pytest hypothesis numpy scikit-learn pytorch-revgrad torch-gradient-reversal onnx onnxscript onnxruntime
+INSTALL_TORCH = $(PYTHON) -c "import torch" 2>/dev/null || { \
+	  echo "make: no torch is importable; installing torch==$(DEFAULT_TORCH) with pip (which build depends on your pip's index)"; \
+	  $(PYTHON) -m pip install torch==$(DEFAULT_TORCH); }
+PYTEST = $(PYTHON) -m pytest -p no:cacheprovider
 
-.PHONY: setup test example bench bench-results
+.PHONY: setup test test-all example bench bench-results
 
 setup: $(STAMP)
 
 # torch: the one already installed (install yours first: CPU or CUDA, as you
-# want it). Only where none is importable does this install torch==2.13.0, and
-# which build pip picks depends on its index (PyPI's, on Linux x86_64, is the
-# CUDA build with its nvidia packages). The operator is compiled against it.
+# want it). Only where none is importable does this install the default torch,
+# and which build pip picks depends on its index (PyPI's, on Linux x86_64, is the
+# CUDA build with its nvidia packages). The operator is compiled against it; the
+# test packages are pyproject.toml's `test` extra.
 $(STAMP): setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h)
-	@$(PYTHON) -c "import torch" 2>/dev/null || { \
-	  echo "make: no torch is importable; installing torch==2.13.0 with pip (which build depends on your pip's index)"; \
-	  $(PYTHON) -m pip install torch==2.13.0 && \
-	  $(PYTHON) -c "import torch; print('make: installed torch', torch.__version__, 'with CUDA ' + torch.version.cuda if torch.version.cuda else '(CPU only)')"; }
-	$(PYTHON) -m pip install $(TEST_DEPS)
-	$(PYTHON) -m pip install --no-build-isolation -e .
+	@$(INSTALL_TORCH) && $(PYTHON) -c "import torch; print('make: torch', torch.__version__, 'with CUDA ' + torch.version.cuda if torch.version.cuda else '(CPU only)')"
+	$(PYTHON) -m pip install "setuptools>=77" ninja
+	$(PYTHON) -m pip install --no-build-isolation -e ".[test]"
 	@rm -rf .make && mkdir -p .make && touch .make/installed-torch-$$($(PYTHON) -c "import torch; print(torch.__version__)")
 
 # The native operator or a failure: a broken build must never pass on the
 # pure-Python fallback (its target-specific value reaches setup's build too).
-test: export GRADBRIDGE_EXT_REQUIRE_NATIVE = 1
+# `make test`: every public behaviour once, in minutes (the markers `slow` and
+# `network` mark the rest); `make test-all`: everything, what CI runs.
+test test-all: export GRADBRIDGE_EXT_REQUIRE_NATIVE = 1
 test: setup
-	$(PYTHON) -m pytest
+	$(PYTEST) -m "not slow and not network" $(PYTEST_ARGS)
+
+test-all: setup
+	$(PYTEST) $(PYTEST_ARGS)
 
 # Lean on purpose: not `setup` (the test packages, some 500 MB, and an editable
 # install that would replace yours). An importable gradbridge_ext is used as it
@@ -37,9 +45,7 @@ test: setup
 # (each imports torch: three took a second run to 10.4 s, one to 6.8-8.0 s).
 example:
 	@$(PYTHON) -c "import sys; sys.path[:] = [p for p in sys.path if p]; import numpy, gradbridge_ext" 2>/dev/null || { \
-	  { $(PYTHON) -c "import torch" 2>/dev/null || { \
-	    echo "make: no torch is importable; installing torch==2.13.0 with pip (which build depends on your pip's index)"; \
-	    $(PYTHON) -m pip install torch==2.13.0; }; } && \
+	  { $(INSTALL_TORCH); } && \
 	  { $(PYTHON) -c "import sys; sys.path[:] = [p for p in sys.path if p]; import gradbridge_ext" 2>/dev/null || { \
 	    echo "make: gradbridge_ext is not importable; installing it (pip install --no-build-isolation .)"; \
 	    $(PYTHON) -m pip install "setuptools>=77" ninja && $(PYTHON) -m pip install --no-build-isolation .; }; } && \

@@ -97,6 +97,13 @@ if not METADATA_ONLY:
                     super().copy_extensions_to_source()
 
             def run(self):
+                # NB: a binary left in build/ by an earlier build, for whatever torch, is
+                # what setuptools would package if this build's link failed, or skip
+                # this build as "up-to-date": ship only what this build links.
+                self.force = True
+                stale = self.get_ext_fullpath(EXTENSION)
+                if os.path.exists(stale):
+                    os.remove(stale)
                 super().run()
                 folder = os.path.dirname(self.get_ext_fullpath(EXTENSION))
                 record = os.path.join(folder, loader.TORCH_VERSION_FILE.name)

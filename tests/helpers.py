@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +13,31 @@ from torch import Tensor, nn
 import gradbridge_ext
 from conftest import requires_torch, torch_at_least
 from gradbridge_ext import Bridge, BridgeFunction, bridge, straight_through
+from gradbridge_ext._extension import PACKAGE_DIR
+
+REPO = Path(__file__).resolve().parent.parent
+# What the build leaves beside the sources, which no copy made for a test may hold.
+BUILT = shutil.ignore_patterns("_C*", "__pycache__", "*.so", "*.pyd", "*.egg-info")
+
+
+def source_copy(destination: Path) -> Path:
+    """What a fresh clone gives an install (setup.py, pyproject.toml, the package, csrc/), and nothing
+    the working tree's builds left: no build/, no built _C, no .make/. Tests install from this, never REPO."""
+    destination.mkdir(parents=True, exist_ok=True)
+    for name in ("setup.py", "pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy2(REPO / name, destination / name)
+    for folder in ("gradbridge_ext", "csrc"):
+        shutil.copytree(REPO / folder, destination / folder, ignore=BUILT)
+    return destination
+
+
+def package_copy(destination: Path, with_sources: bool) -> Path:
+    """A copy of the imported Python package, as an install lays it out: no binary, and its C++ sources if asked."""
+    package = destination / "gradbridge_ext"
+    shutil.copytree(PACKAGE_DIR, package, ignore=BUILT)
+    if with_sources:
+        shutil.copytree(REPO / "csrc", package / "csrc", ignore=BUILT)
+    return package
 
 FLOAT8 = [getattr(torch, name) for name in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, name)]
 DTYPES = [

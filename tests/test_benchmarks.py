@@ -39,6 +39,7 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return json.loads((out / "cpu" / "results.json").read_text())
 
 
+@pytest.mark.slow  # a quick benchmark run
 def test_quick_run_covers_every_method_size_and_mode(quick_run: dict) -> None:
     methods = set(measure.METHODS)
     assert {r["method"] for r in quick_run["latency"]} == methods
@@ -57,6 +58,7 @@ def test_quick_run_covers_every_method_size_and_mode(quick_run: dict) -> None:
     assert quick_run["environment"]["torch"]
 
 
+@pytest.mark.slow  # a quick benchmark run
 def test_memory_shows_the_copy_of_the_set_trick_and_none_for_the_aliases(quick_run: dict) -> None:
     for r in quick_run["memory"]:
         if r["method"] == "set_ trick":
@@ -65,6 +67,7 @@ def test_memory_shows_the_copy_of_the_set_trick_and_none_for_the_aliases(quick_r
             assert r["allocated_bytes"] == 0, r
 
 
+@pytest.mark.slow  # a quick benchmark run
 def test_straight_through_section_is_exact_and_allocates_nothing(quick_run: dict) -> None:
     ste = quick_run["straight_through"]
     names = {"trick", "autograd.Function", "straight_through", "bridge(t, -1.0)"}
@@ -87,6 +90,7 @@ def test_straight_through_section_is_exact_and_allocates_nothing(quick_run: dict
     assert exact[("VQ lookup", "bfloat16", "trick")] > 0  # what the table is there to show
 
 
+@pytest.mark.slow  # a quick benchmark run
 def test_every_cut_trains_the_same_model(quick_run: dict) -> None:
     # The methods differ in cost only: the same steps give bitwise the same loss.
     for mode in training.MODES:

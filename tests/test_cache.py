@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from gradbridge_ext import _extension
-from test_install import package_copy
+from helpers import package_copy
 
 # A cold import compiles once: 20 s on an idle 2-core machine, up to 3 minutes on a loaded one.
 IMPORT_TIMEOUT_S = 300
@@ -75,6 +75,7 @@ def killed_then_concurrent(site: Path, tmp_path_factory: pytest.TempPathFactory)
     return cache, first.returncode, [finish(rank, deadline - time.monotonic()) for rank in ranks]
 
 
+@pytest.mark.slow  # cold builds
 def test_an_import_killed_mid_compile_does_not_block_the_next(killed_then_concurrent) -> None:
     cache, killed, ranks = killed_then_concurrent
     assert killed == -signal.SIGKILL  # killed, not finished: the build was cut off
@@ -83,6 +84,7 @@ def test_an_import_killed_mid_compile_does_not_block_the_next(killed_then_concur
         assert status == 0, err
 
 
+@pytest.mark.slow  # cold builds
 def test_concurrent_cold_imports_build_once_and_all_load_it(killed_then_concurrent) -> None:
     cache, _, ranks = killed_then_concurrent
     assert [status for status, _, _ in ranks] == [0] * RANKS, [err[-2000:] for _, _, err in ranks]
@@ -92,6 +94,7 @@ def test_concurrent_cold_imports_build_once_and_all_load_it(killed_then_concurre
     assert {out.strip() for _, out, _ in ranks} == {str(binary)}
 
 
+@pytest.mark.slow  # cold builds
 def test_the_cache_folders_are_private(killed_then_concurrent) -> None:
     cache, _, _ = killed_then_concurrent
     (binary,) = cache.glob("*/_C.so")
@@ -99,6 +102,7 @@ def test_the_cache_folders_are_private(killed_then_concurrent) -> None:
         assert path.stat().st_mode & 0o777 == 0o700, path
 
 
+@pytest.mark.slow  # cold builds
 def test_a_binary_cut_short_is_rebuilt_not_loaded(killed_then_concurrent, site: Path, tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     shutil.copytree(killed_then_concurrent[0], cache)

@@ -15,6 +15,8 @@ from independent_layers import ABC, loss
 from gradbridge_ext import Bridge
 from helpers import TernaryLinear
 
+pytestmark = pytest.mark.slow  # processes of their own, a DDP model each: the full tier
+
 STEPS = 2  # DDP reports parameters that got no gradient hook at the next step
 
 

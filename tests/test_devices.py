@@ -19,6 +19,8 @@ from gradbridge_ext import Bridge, bridge, straight_through
 from helpers import GRAD_SCALE, SETTINGS, SHARES_VERSION, assert_alias, assert_cut, assert_view_only_if_recorded
 from independent_layers import ABC, loss  # examples/ is on sys.path (conftest)
 
+pytestmark = pytest.mark.slow  # the test device is compiled first: the full tier
+
 
 def made_on(device: str, requires_grad: bool = True) -> Tensor:
     """A (2, 3) non-leaf on ``device`` with distinct values, of a leaf that requires grad."""

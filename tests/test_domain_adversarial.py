@@ -93,6 +93,7 @@ def test_compiled_training_follows_lambda_with_at_most_one_recompile() -> None:
         torch.testing.assert_close(other, value, rtol=1e-5, atol=1e-6, msg=key)
 
 
+@pytest.mark.slow  # the script; its conclusions are checked in process above
 def test_script_runs() -> None:
     # Too short to hold the conclusions: the script prints them and exits 1.
     result = subprocess.run(

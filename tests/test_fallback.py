@@ -24,7 +24,7 @@ import torch
 import gradbridge_ext
 from gradbridge_ext import _extension
 from conftest import requires_torch, torch_at_least
-from test_install import REPO, package_copy
+from helpers import REPO, package_copy, source_copy
 
 # filelock and torch's build tools are imported first: on Windows they take branches of
 # their own (filelock locks with msvcrt, which Linux has not; torch 2.1's cpp_extension
@@ -60,6 +60,7 @@ def no_compiler_on_path(tmp_path: Path) -> dict[str, str]:
     return {"PATH": str(Path(sys.executable).parent), "CXX": None}  # type: ignore[dict-item]
 
 
+@pytest.mark.slow  # a cold build
 @pytest.mark.skipif(shutil.which(os.environ.get("CXX", "c++")) is None, reason="needs a C++ compiler on PATH")
 def test_without_fcntl_and_getuid_the_import_builds_and_loads_the_native_operator(tmp_path: Path) -> None:
     # Before: ModuleNotFoundError: import of fcntl halted; None in sys.modules.
@@ -116,7 +117,7 @@ def test_an_install_without_a_compiler_ships_the_sources_and_imports(tmp_path: P
     env = {name: value for name, value in env.items() if value is not None}
     env.pop(_extension.REQUIRE_NATIVE_ENV, None)
     install = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-               "--target", str(tmp_path / "site"), str(REPO)]  # fmt: skip
+               "--target", str(tmp_path / "site"), str(source_copy(tmp_path / "source"))]  # fmt: skip
     result = subprocess.run(install, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     assert not list((tmp_path / "site" / "gradbridge_ext").glob("_C*"))  # no binary, no version record
@@ -202,6 +203,7 @@ def test_the_fallback_serves_torch_func(implementation: str) -> None:
 SEMANTICS = ["test_bridge.py", "test_backward_family.py", "test_straight_through.py", "test_compiled_gradients.py"]
 
 
+@pytest.mark.slow  # the semantics files a second time; the fast tier runs their fallback cases in this process
 def test_the_semantics_tests_pass_in_a_process_without_the_native_operator(tmp_path: Path) -> None:
     # In this process the fallback is swapped in beside a registered operator; a
     # process that never had one (a copy of the package without binary or sources)

@@ -50,6 +50,7 @@ def test_mode2_with_cut_is_mode0_for_ab_and_mode1_for_c(cut: str) -> None:
     assert _equal(both, ex.run(cut, 1), "C")
 
 
+@pytest.mark.slow  # the whole script; its conclusions are checked in process above
 def test_script_runs() -> None:
     proc = subprocess.run(
         [sys.executable, str(SCRIPT)], capture_output=True, text=True, timeout=120

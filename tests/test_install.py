@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -18,14 +19,19 @@ import torch
 
 import gradbridge_ext
 from gradbridge_ext import _extension
+from helpers import REPO, package_copy, source_copy
 
-REPO = Path(__file__).resolve().parent.parent
 PROBE = (
     "import torch, gradbridge_ext as gb; "
     "t = torch.arange(3.0, requires_grad=True) * 2; r = gb.bridge(t); "
     "assert r.data_ptr() == t.data_ptr() and not r.requires_grad; "
     "print(gb.__file__); print(gb._C.__file__)"
 )
+
+
+def build_isolated(test: Callable) -> Callable:
+    """pip's build isolation fetches setuptools from the registry, and the first import compiles."""
+    return pytest.mark.network(pytest.mark.slow(test))
 
 
 def run_probe(cwd: Path, cache: Path, pythonpath: Path | None = None, **env_vars: str) -> subprocess.CompletedProcess:
@@ -49,13 +55,15 @@ def test_this_checkout_loads_the_binary_built_for_this_torch() -> None:
 def plain_install(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
     """`pip install .` with pip's build isolation (no torch at build time), then a first import."""
     root = tmp_path_factory.mktemp("plain_install")
+    source = source_copy(root / "source")
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(root / "site"), str(REPO)],
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(root / "site"), str(source)],
         check=True, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     return root, run_probe(cwd=root, cache=root / "cache", pythonpath=root / "site")
 
 
+@build_isolated
 def test_plain_pip_install_compiles_on_first_import(plain_install) -> None:
     root, result = plain_install
     assert result.returncode == 0, result.stderr
@@ -65,6 +73,7 @@ def test_plain_pip_install_compiles_on_first_import(plain_install) -> None:
     assert f"compiling it for torch {torch.__version__}" in result.stderr
 
 
+@build_isolated
 def test_second_import_uses_the_cache_silently(plain_install) -> None:
     root, _ = plain_install
     result = run_probe(cwd=root, cache=root / "cache", pythonpath=root / "site")
@@ -73,15 +82,7 @@ def test_second_import_uses_the_cache_silently(plain_install) -> None:
     assert "compiling" not in result.stderr
 
 
-def package_copy(destination: Path, with_sources: bool) -> Path:
-    """A copy of the Python package, as an install would lay it out."""
-    package = destination / "gradbridge_ext"
-    shutil.copytree(_extension.PACKAGE_DIR, package, ignore=shutil.ignore_patterns("_C*", "__pycache__"))
-    if with_sources:
-        shutil.copytree(REPO / "csrc", package / "csrc")
-    return package
-
-
+@build_isolated
 def test_binary_built_for_another_torch_is_not_loaded(plain_install, tmp_path: Path) -> None:
     cache = plain_install[0] / "cache"
     compiled = next(cache.rglob("_C.so"))
@@ -97,6 +98,25 @@ def test_binary_built_for_another_torch_is_not_loaded(plain_install, tmp_path: P
     result = run_probe(cwd=tmp_path, cache=cache, pythonpath=tmp_path)
     assert result.returncode == 0, result.stderr
     assert Path(result.stdout.split()[1]).is_relative_to(cache)
+
+
+@pytest.mark.parametrize("recorded", ["0.0.1+another", None], ids=["another torch", "no record"])
+def test_the_loader_never_imports_a_binary_built_for_another_torch(
+    recorded: str | None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The fast tier's check of what test_binary_built_for_another_torch_is_not_loaded runs for real.
+    record = tmp_path / "_C.torch_version"
+    if recorded is not None:
+        record.write_text(recorded)
+    monkeypatch.setattr(_extension, "TORCH_VERSION_FILE", record)
+    monkeypatch.setattr(_extension.importlib, "import_module", lambda name: pytest.fail(f"imported {name}"))
+    monkeypatch.setattr(_extension, "_load_cached_or_compile", lambda why: why)
+    expected = "was not compiled at install time" if recorded is None else (
+        f"was compiled against torch {recorded}, but torch {torch.__version__} is imported")
+    assert _extension._load_native() == expected
+    record.write_text(torch.__version__)  # the control: a binary for this torch is imported
+    monkeypatch.setattr(_extension.importlib, "import_module", lambda name: name)
+    assert _extension._load_native() == "gradbridge_ext._C"
 
 
 def test_no_binary_and_no_sources_fails_with_a_fix(tmp_path: Path) -> None:
@@ -116,6 +136,7 @@ def test_failed_compile_fails_with_a_fix(tmp_path: Path) -> None:
     assert "install a C++ compiler and ninja" in result.stderr
 
 
+@build_isolated
 def test_the_same_sources_elsewhere_load_the_cached_build(plain_install, tmp_path: Path) -> None:
     # The cache is keyed by content, not by where the sources sit: a second copy compiles nothing.
     root = plain_install[0]
@@ -152,6 +173,7 @@ def test_the_cache_key_is_the_content_not_the_place(tmp_path: Path, monkeypatch:
     assert _extension.cache_dir(copies[1]) != _extension.cache_dir(copies[0])
 
 
+@build_isolated
 def test_a_compiled_on_import_module_has_the_package_name(plain_install) -> None:
     root, _ = plain_install
     result = subprocess.run(
@@ -161,6 +183,18 @@ def test_a_compiled_on_import_module_has_the_package_name(plain_install) -> None
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "gradbridge_ext._C"
+
+
+def test_the_tested_range_is_the_matrix_in_ci_torch_versions() -> None:
+    # .ci/torch-versions is the one place; the package and pyproject.toml must say the same.
+    import tomllib
+
+    versions = {line.split()[0]: line.split()[1:] for line in (REPO / ".ci" / "torch-versions").read_text().splitlines()
+                if line.strip() and not line.startswith("#")}  # fmt: skip
+    matrix = [".".join(version.split(".")[:2]) for version in versions["matrix"]]
+    assert gradbridge_ext.TESTED_TORCH == (matrix[0], matrix[-1])
+    dependencies = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert f"torch>={matrix[0]}" in dependencies
 
 
 def test_an_untested_newer_torch_warns_naming_the_tested_range(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -177,6 +211,7 @@ def test_an_untested_newer_torch_warns_naming_the_tested_range(monkeypatch: pyte
             _extension._warn_if_untested_torch()
 
 
+@pytest.mark.slow  # a venv of its own
 def test_a_too_old_setuptools_names_the_fix(tmp_path: Path) -> None:
     # A new venv has the setuptools its Python bundles (65.5 for 3.11), too old for
     # pyproject.toml's license string; the build must say what to install.
@@ -188,7 +223,7 @@ def test_a_too_old_setuptools_names_the_fix(tmp_path: Path) -> None:
     if not version or int(version.split(".")[0]) >= 77:
         pytest.skip(f"this Python's venv brings setuptools {version or 'none'}, not an old one")
     result = subprocess.run(
-        [python, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "--no-index", str(REPO)],
+        [python, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "--no-index", str(source_copy(tmp_path / "source"))],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert result.returncode != 0

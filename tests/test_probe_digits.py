@@ -38,6 +38,7 @@ def test_the_bitwise_check_fails_without_the_cut() -> None:
     assert not checked["through bridge, B's final parameters are bitwise those of B trained alone"]
 
 
+@pytest.mark.slow  # the script; its conclusions are checked in process above
 def test_script_runs() -> None:
     result = subprocess.run(
         [sys.executable, str(SCRIPT), "--steps", "100"], capture_output=True, text=True, timeout=300, check=True

@@ -56,6 +56,7 @@ def test_the_training_check_fails_on_an_untrained_bitmlp() -> None:
         torch.set_num_threads(threads)
 
 
+@pytest.mark.slow  # the whole script; its conclusions are checked in process above
 def test_script_prints_checked_conclusions() -> None:
     result = subprocess.run(
         [sys.executable, str(SCRIPT)], capture_output=True, text=True, timeout=300, check=True

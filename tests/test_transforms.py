@@ -13,7 +13,7 @@ import torch.func as tf
 from torch import nn
 
 import gradbridge_ext
-from conftest import requires_torch
+from conftest import requires_torch, tiered
 from gradbridge_ext import Bridge, bridge
 
 # Every setting, as a function and as a module.
@@ -38,7 +38,7 @@ class EverySetting(nn.Module):
 
 
 @requires_torch("2.5", "torch.compiler.substitute_in_graph, without which bridge breaks the graph")
-@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
 def test_compile_fullgraph_matches_eager(backend: str, device: str) -> None:
     torch.manual_seed(0)
     eager = EverySetting().to(device)
@@ -128,8 +128,7 @@ def train_on_schedule(model: ScheduledHeads, forward, device: str) -> list[torch
 
 
 @requires_torch("2.5", "torch.compiler.substitute_in_graph, without which bridge breaks the graph")
-@pytest.mark.parametrize("dynamic", [None, True])
-@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+@tiered("backend, dynamic", [(b, d) for b in ["aot_eager", "inductor"] for d in [None, True]], lambda b, d: (b, d) == ("aot_eager", None))
 def test_compile_follows_a_schedule_with_at_most_one_recompile(backend: str, dynamic: bool | None, device: str) -> None:
     torch.manual_seed(0)
     eager = ScheduledHeads().to(device)
@@ -241,6 +240,7 @@ def test_a_tensor_schedule_runs_under_cuda_graphs() -> None:
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
 
 
+@pytest.mark.slow  # a fresh interpreter imports dynamo
 @requires_torch("2.5", "torch.compiler.substitute_in_graph, without which bridge breaks the graph")
 def test_import_defers_the_compile_rule_until_dynamo_is_imported() -> None:
     # torch._dynamo costs about a second to import; a program that never compiles
