@@ -150,8 +150,6 @@ def test_compiled_gradients_are_eagers_with_dynamic_shapes(setting: str, backend
 
 # --- compiled autograd: the backward traced and compiled, the forward eager or compiled
 
-# NB: compiled autograd came with torch 2.2; its context manager was `enable` until it became `_enable`.
-NEEDS_COMPILED_AUTOGRAD = requires_torch("2.2", "compiled autograd (torch._dynamo.compiled_autograd)")
 # Patterns that put torch's own nodes before ours in the backward ("in the graph", "used twice"), and one
 # that does not; dynamic shapes in one. The fast tier: every setting once, and each other value once.
 CA_CASES = [
@@ -168,7 +166,10 @@ CA_FAST_ONCE = {"used twice": "attach", "compiled forward": "reversal", "inducto
 
 
 def compiled_backward(backend: str, dynamic: bool = False) -> contextlib.AbstractContextManager:
-    """Compiled autograd for the backward passes run inside: each traced, then compiled with ``backend``."""
+    """Compiled autograd for the backward passes run inside: each traced, then compiled with ``backend``.
+
+    Every tested torch has it (2.1 too); its context manager was ``enable`` until it became ``_enable``.
+    """
     from torch._dynamo import compiled_autograd
 
     enable = getattr(compiled_autograd, "_enable", None) or compiled_autograd.enable
@@ -180,20 +181,25 @@ def _ca_fast(setting: str, *rest: str) -> bool:
     return not changed or (len(changed) == 1 and CA_FAST_ONCE.get(changed[0]) == setting)
 
 
-@NEEDS_COMPILED_AUTOGRAD
 @tiered("setting, pattern, forward, backend, dynamic", CA_CASES, _ca_fast)
 def test_compiled_autograd_gradients_are_eagers(
     setting: str, pattern: str, forward: str, backend: str, dynamic: str, implementation: str, request: pytest.FixtureRequest
 ) -> None:
-    if implementation == "fallback" and forward == "eager forward" and (setting == "attach" or "straight_through" in setting):
-        # NB: torch's, not ours, and loud: compiled autograd cannot take a Python Function's None gradient
-        # (attach's to t, straight_through's to q) where another node adds to it or reads it: torch.add(grad,
-        # None) or aten.sum(None), an Unsupported or TorchRuntimeError (seen on torch 2.5, 2.13 and 2.15, in
-        # some of these patterns). The native node's none is no call, and passes; a wrong gradient still fails.
+    if forward == "compiled forward" and not torch_at_least("2.5"):
+        pytest.skip("needs torch 2.5: torch.compiler.substitute_in_graph, without which the graph breaks")
+    if implementation == "fallback" and forward == "eager forward":
+        # NB: torch's, not ours, and loud; the native nodes pass, and a wrong gradient still fails.
         from torch._dynamo.exc import TorchRuntimeError, Unsupported
 
-        reason = "compiled autograd cannot take a Python Function's None gradient"
-        request.applymarker(pytest.mark.xfail(raises=(Unsupported, TorchRuntimeError), reason=reason))
+        if not torch_at_least("2.2"):  # an AttributeError: Function classes have no _compiled_autograd_key
+            reason = "torch 2.1's compiled autograd takes no Python autograd.Function"
+            request.applymarker(pytest.mark.xfail(raises=AttributeError, reason=reason))
+        elif setting == "attach" or "straight_through" in setting:
+            # A Python Function's None gradient (attach's to t, straight_through's to q) where another node adds
+            # to it or reads it: torch.add(grad, None) or aten.sum(None), an Unsupported or TorchRuntimeError
+            # (seen on torch 2.5, 2.13 and 2.15, in some of these patterns). The native node's none is no call.
+            reason = "compiled autograd cannot take a Python Function's None gradient"
+            request.applymarker(pytest.mark.xfail(raises=(Unsupported, TorchRuntimeError), reason=reason))
     eager = Net(setting, pattern)
     model = copy.deepcopy(eager)
     torch._dynamo.reset()
