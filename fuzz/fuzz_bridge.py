@@ -1,14 +1,18 @@
-"""Crash search for bridge's Python entry points, with arbitrary arguments (hypothesis).
+"""Crash search for bridge's and straight_through's Python entry points, with arbitrary arguments (hypothesis).
 
     python fuzz/fuzz_bridge.py --seconds 60 --seed 0 [--last-input FILE]
 
-Calls bridge, torch.ops.gradbridge.bridge, BridgeFunction.apply and Bridge(...)(t)
-with arguments of many kinds: tensors of every dtype and layout, built by Python
-expressions so that every input prints as code that rebuilds it, and Python
-values of every sort. A call may return an alias of its tensor (same data_ptr and
-shape, not an autograd view; then backward runs if it requires grad) or raise
-TypeError, ValueError, NotImplementedError or RuntimeError with a message.
-Anything else is a finding: the script prints the shrunk input and exits 1. A
+Calls bridge, torch.ops.gradbridge.bridge, BridgeFunction.apply, Bridge(...)(t),
+straight_through (two plain tensors take the C entry's fast path, any other call
+the parsed path) and torch.ops.gradbridge.straight_through and its .Tensor
+overload with arguments of many kinds: tensors of every dtype and layout, built
+by Python expressions so that every input prints as code that rebuilds it, pairs
+of tensors of one shape for straight_through, and Python values of every sort. A
+call may return an alias of its tensor (bridge: t; straight_through: q; same
+data_ptr and shape, an autograd view only if recorded; then backward runs if it
+requires grad) or raise TypeError, ValueError, NotImplementedError or
+RuntimeError with a message. Anything else is a finding: the script prints the
+shrunk input and exits 1, as it does when some entry never returned a result. A
 crash kills the process, so each input is written to --last-input before its call.
 """
 
@@ -21,6 +25,7 @@ import logging
 import math
 import sys
 import time
+import traceback
 import warnings
 from dataclasses import dataclass, field
 
@@ -35,7 +40,7 @@ from torch.testing._internal.two_tensor import TwoTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import gradbridge_ext
-from gradbridge_ext import Bridge, BridgeFunction, bridge
+from gradbridge_ext import Bridge, BridgeFunction, bridge, straight_through
 
 class Sabotaged(Exception):
     """What Weird's conversions raise; bridge lets it through, as float() does."""
@@ -118,9 +123,17 @@ def freed(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def like(t: torch.Tensor, dtype: torch.dtype | None = None, grad: bool = False) -> torch.Tensor:
+    """A fresh tensor of t's shape and device (and dtype, unless given): straight_through's other argument.
+    grad: requiring grad, where its dtype can."""
+    made = torch.ones(t.shape, dtype=dtype or t.dtype, device=t.device)
+    return made.requires_grad_() if grad and (made.is_floating_point() or made.is_complex()) else made
+
+
 NAMESPACE = {
-    "torch": torch, "np": np, "nn": nn, "base": base, "inference": inference, "freed": freed, "Weird": Weird,
-    "Tagged": Tagged, "TensorLike": TensorLike, "TwoTensor": TwoTensor, "nan": math.nan, "inf": math.inf,
+    "torch": torch, "np": np, "nn": nn, "base": base, "inference": inference, "freed": freed, "like": like,
+    "Weird": Weird, "Tagged": Tagged, "TensorLike": TensorLike, "TwoTensor": TwoTensor, "nan": math.nan,
+    "inf": math.inf,
 }  # fmt: skip
 DTYPES = sorted({d for d in vars(torch).values() if isinstance(d, torch.dtype)}, key=str)
 FLOATING = [d for d in DTYPES if d.is_floating_point or d.is_complex]  # requires_grad is allowed
@@ -137,10 +150,10 @@ class Code(str):
 
 
 @st.composite
-def dense_tensors(draw: st.DrawFn, freed_ok: bool) -> Code:
+def dense_tensors(draw: st.DrawFn, freed_ok: bool, dtypes: list[torch.dtype] = DTYPES) -> Code:
     """Strided tensors. freed_ok: also ones whose storage is freed, which torch's repr crashes on,
-    so they go only into calls that torch.ops's parser accepts (its errors print the arguments)."""
-    dtype = draw(st.sampled_from(DTYPES))
+    so they go only where torch.ops's parser accepts them (its errors print the argument they refuse)."""
+    dtype = draw(st.sampled_from(dtypes))
     device = draw(st.sampled_from(["cpu", "cpu", "meta"]))
     grad = dtype in FLOATING and draw(st.booleans())
     ndim = draw(st.integers(0, 4))
@@ -182,6 +195,15 @@ OTHER_VALUES = [
     "torch.UntypedStorage(4)", "torch.ones(3).untyped_storage()", "TensorLike()", "object()", "Tagged", "print",
     "Ellipsis", "NotImplemented",
 ]  # fmt: skip
+# grad_scale tensors that any x on the CPU takes (0-dim CPU ones broadcast to every shape
+# and serve every device), and masks and scales that some x takes and others refuse.
+SCALE_TENSORS = ["torch.tensor(0.5)", "torch.tensor(True)", "torch.tensor(-2.0, dtype=torch.float64)", "torch.ones(1)"]
+ODD_SCALE_TENSORS = [
+    "torch.ones(4)", "torch.tensor([1.0, 0.0, -1.0])", "torch.ones(2, 1, dtype=torch.float16)",
+    "torch.tensor([True, False])", "torch.ones(3, device='meta')", "torch.tensor(2.0, dtype=torch.float64, device='meta')",
+    "torch.tensor(1)", "torch.ones(3).to_sparse()", "torch.empty(0)", "torch.tensor(inf)",
+    "torch.ones(4, requires_grad=True)",
+]  # fmt: skip
 tensors = st.one_of(dense_tensors(freed_ok=False), st.sampled_from(OTHER_TENSORS).map(Code))
 numbers = st.one_of(
     st.floats(), st.integers(-3, 3), st.integers(), st.sampled_from([-1.0, 0.5, -0.0, 2**63, 10**400]),
@@ -220,10 +242,33 @@ class Call:
 #     found by seed 0, chunk 15;
 #   - its error message prints the arguments, and printing a tensor of a
 #     quantized dtype that has no quantizer asserts; found by seed 1, chunk 23.
-TORCH_INTERNAL_ASSERTS = {"torch.ops": ("!argument.default_value()", "cannot call qscheme on UnknownQuantizer")}
+TORCH_INTERNAL_ASSERTS = dict.fromkeys(
+    ["torch.ops", "torch.ops.straight_through", "torch.ops.straight_through.Tensor"],
+    ("!argument.default_value()", "cannot call qscheme on UnknownQuantizer"),
+)
 
+# torch's own assert, not ours: a wrapper subclass that answers an op through
+# torch.utils._python_dispatch.return_and_correct_aliasing (TwoTensor) asserts
+# when the input the schema aliases is of another type than the output, as q is
+# in straight_through(TwoTensor(...), q) with a plain q; found by seed 0, chunk 0.
+TORCH_ALIASING_ASSERT = ("torch/utils/_python_dispatch.py", "But expected types to match")
+
+
+def torch_aliasing_assert(error: AssertionError) -> bool:
+    frames = traceback.extract_tb(error.__traceback__)
+    where, message = TORCH_ALIASING_ASSERT
+    return bool(frames) and frames[-1].filename.replace("\\", "/").endswith(where) and message in str(error)
+
+
+# Ours, known and not yet fixed: under vmap, torch.ops.gradbridge.straight_through
+# given None for x or q raises AttributeError from ops._straight_through_vmap, not
+# the TypeError it raises outside vmap; found by seed 1, chunk 1 and seed 0, chunk 38.
+# tests/test_inputs.py holds it as a strict xfail
+# (test_straight_through_under_vmap_refuses_none_as_it_does_outside): when that
+# passes, delete this and its use in run(), and add the call to REGRESSIONS.
 # Calls that once gave a finding, run first on every search.
 REGRESSIONS: list[Call] = [
+    Call("straight_through", [Code("TwoTensor(like(torch.Tensor()), like(torch.Tensor()))"), Code("torch.Tensor()")]),
     Call("torch.ops", [Code("torch.eye(3).to_sparse()"), 0.0], {"grad_scale": None}),
     Call("bridge", [Code("torch.eye(3)"), 0.0], {"grad_scale": None}),
     Call("torch.ops", [(Code("base(1, torch.qint32, 'cpu', grad=False)"),)]),
@@ -245,10 +290,50 @@ contexts = st.sampled_from(CONTEXTS)
 # Calls of the right shape with odd tensors reach the operator; calls of any shape test the parsing.
 well_formed = arguments(st.one_of(tensors, dense_tensors(freed_ok=True)), st.floats() | st.integers(-3, 3), attach)
 any_shape = arguments(st.one_of(tensors, values), options, keywords)
+
+ST_ENTRIES = ["straight_through", "torch.ops.straight_through", "torch.ops.straight_through.Tensor"]
+st_entries = st.sampled_from(ST_ENTRIES)
+# x beside a drawn q (its expression, Q, built again): q's shape and device, so that the
+# call reaches the operator; as q's dtype or another, requiring grad or not, wrapped or not.
+X_LIKE = [
+    "like({q}, grad=True)", "like({q}, grad=True)", "like({q})", "like({q}, torch.float64, grad=True)",
+    "like({q}, torch.float16, grad=True)", "like({q}, torch.complex64, grad=True)", "like({q}, torch.int64)",
+    "nn.Parameter(like({q}))", "like({q}, grad=True).as_subclass(Tagged)", "TwoTensor(like({q}), like({q}))",
+    "inference(lambda: like({q}))", "like({q}, grad=True)[None]", "like({q}, grad=True).mul(2)",
+]  # fmt: skip
+scales = st.one_of(
+    numbers, st.sampled_from(SCALE_TENSORS).map(Code), st.sampled_from(ODD_SCALE_TENSORS).map(Code),
+    dense_tensors(freed_ok=False),
+)  # fmt: skip
+
+
+@st.composite
+def straight_through_pairs(draw: st.DrawFn, entry: str) -> list:
+    """[x, q] of one shape (mostly), and a grad_scale: a number or a tensor, a tensor for the .Tensor overload."""
+    q = draw(st.one_of(dense_tensors(freed_ok=True, dtypes=FLOATING), dense_tensors(freed_ok=True), tensors))
+    x = Code(draw(st.sampled_from(X_LIKE)).format(q=q)) if draw(st.integers(0, 4)) else draw(tensors)
+    tensor_scales = st.one_of(st.sampled_from(SCALE_TENSORS).map(Code), st.just(Code(f"like({q}, torch.float32)")))
+    if entry.endswith(".Tensor"):
+        return [x, q, draw(st.one_of(tensor_scales, tensor_scales, scales))]
+    return [x, q, *draw(st.lists(st.one_of(scales, tensor_scales), max_size=1))]
+
+
+@st.composite
+def straight_through_calls(draw: st.DrawFn, keywords: bool) -> Call:
+    entry = draw(st_entries)
+    kwargs = draw(st_keywords) if keywords else {}
+    return Call(entry, draw(straight_through_pairs(entry)), kwargs, draw(contexts))
+
+
+st_keywords = st.dictionaries(st.sampled_from(["grad_scale", "grad_scale", "x", "q", "attach"]), options, max_size=2)
 calls = st.one_of(
     st.builds(Call, entry=entries, context=contexts, **well_formed),
     st.builds(Call, entry=entries, context=contexts, **any_shape),
-)
+    straight_through_calls(keywords=False),
+    straight_through_calls(keywords=True),
+    st.builds(Call, entry=st_entries, context=contexts,
+              args=st.lists(st.one_of(tensors, values, options), min_size=1, max_size=4), kwargs=st_keywords),
+)  # fmt: skip
 
 
 def build(value):
@@ -273,7 +358,24 @@ def context(name: str):
     }.get(name, contextlib.nullcontext)()  # fmt: skip
 
 
-ENTRIES = {"bridge": bridge, "torch.ops": torch.ops.gradbridge.bridge, "BridgeFunction.apply": BridgeFunction.apply}
+# torch's refusals of the arithmetic a gradient needs in some dtypes: no kernel
+# (float8, complex32, ...), and no promotion of a float8 gradient by a float32
+# grad_scale tensor (found by seed 0, chunk 4, for straight_through).
+BACKWARD_KERNEL_GAPS = ("not implemented for", "Promotion for Float8 Types is not supported")
+
+
+def ones(t: torch.Tensor) -> torch.Tensor:
+    """Ones of t's shape, dtype and device. NB: not ones_like(t), which segfaults torch 2.13 where t has a
+    conj bit and freed storage (torch.ones_like(torch.ones(2, dtype=torch.complex64).conj()) after its
+    storage's resize_(0)), as an alias of such a q is; found by seed 2."""
+    return torch.ones(t.shape, dtype=t.dtype, device=t.device)
+
+
+ENTRIES = {
+    "bridge": bridge, "torch.ops": torch.ops.gradbridge.bridge, "BridgeFunction.apply": BridgeFunction.apply,
+    "straight_through": straight_through, "torch.ops.straight_through": torch.ops.gradbridge.straight_through,
+    "torch.ops.straight_through.Tensor": torch.ops.gradbridge.straight_through.Tensor,
+}  # fmt: skip
 
 
 def check_alias(result, t, backward: bool = True) -> None:
@@ -293,10 +395,46 @@ def check_alias(result, t, backward: bool = True) -> None:
     assert data_ptr is None or result.data_ptr() == data_ptr
     if backward and result.requires_grad and result.numel() < 1000:
         try:
-            result.backward(torch.ones_like(result))
+            result.backward(ones(result))
         except RuntimeError as error:  # dtypes without the kernels a gradient needs
-            if "not implemented for" not in str(error) or "INTERNAL ASSERT" in str(error):
+            if not any(gap in str(error) for gap in BACKWARD_KERNEL_GAPS) or "INTERNAL ASSERT" in str(error):
                 raise
+
+
+PLAIN = (torch.Tensor, nn.Parameter)  # a subclass is re-wrapped by as_subclass, a view, as detach() is
+
+
+def check_straight_through(result, x, q, backward: bool = True) -> None:
+    """The invariants of a straight_through call that returned: an alias of q, recorded only if x requires grad."""
+    if isinstance(result, str) and result == TensorLike.ANSWER:
+        return  # any argument may answer
+    assert isinstance(x, torch.Tensor) and isinstance(q, torch.Tensor), f"a non-tensor was accepted: {type(x)}, {type(q)}"
+    assert isinstance(result, torch.Tensor), type(result)
+    assert result.shape == q.shape and result.dtype == q.dtype, (result.shape, q.shape, result.dtype, q.dtype)
+    assert x.shape == q.shape, f"shapes {x.shape} and {q.shape} were accepted"
+    plain = type(x) in PLAIN and type(q) in PLAIN
+    # NB: an inference q is the one known exception to the view rule (tests/test_inputs.py, INFERENCE_Q_FINDING).
+    if plain and not q.is_inference():
+        assert result.requires_grad == (x.requires_grad and torch.is_grad_enabled()), (result.requires_grad, x.requires_grad)
+        # A recorded result is a custom Function's view of q (it refuses in-place ops).
+        assert result._base is (None if not result.requires_grad else q if q._base is None else q._base)
+    try:
+        data_ptr = q.data_ptr()
+    except RuntimeError:  # wrapper subclasses, fake and batched tensors have none
+        data_ptr = None
+    assert data_ptr is None or result.data_ptr() == data_ptr
+    if backward and result.requires_grad and result.numel() < 1000:
+        q_grad = q.grad if plain and q.is_leaf else None
+        try:
+            result.backward(ones(result))
+        except RuntimeError as error:  # dtypes without the kernels a gradient needs
+            if not any(gap in str(error) for gap in BACKWARD_KERNEL_GAPS) or "INTERNAL ASSERT" in str(error):
+                raise
+            return
+        if plain and q.is_leaf:
+            assert q.grad is q_grad, "q got a gradient"
+        if plain and x.is_leaf and x.grad is not None:
+            assert x.grad.shape == x.shape and x.grad.dtype == x.dtype, (x.grad.shape, x.grad.dtype)
 
 
 def run(call: Call, stats: collections.Counter, last_input: str | None) -> None:
@@ -315,16 +453,40 @@ def run(call: Call, stats: collections.Counter, last_input: str | None) -> None:
             with contextlib.suppress(RuntimeError, ValueError):  # integer dtypes, layouts without tangents
                 args[0] = fwAD.make_dual(args[0], torch.zeros_like(args[0]))
         t = args[0]
+        is_straight_through = call.entry in ST_ENTRIES
+        path = call.entry
+        q = None
+        if is_straight_through:  # q may come by keyword where torch.ops takes one
+            q = args[1] if len(args) > 1 else kwargs.get("q")
+            # The C entry's own path (csrc/python.cpp): two plain tensors, nothing else, no torch function mode.
+            if (call.entry == "straight_through" and len(args) == 2 and not kwargs
+                    and all(type(a) in PLAIN for a in args) and call.context != "function mode"):  # fmt: skip
+                path = "straight_through(x, q)"
 
         def invoke(*args):
             if call.entry == "Bridge":
                 return Bridge(*module_args[0], **module_args[1])(*args, **kwargs)
             return ENTRIES[call.entry](*args, **kwargs)
 
+        def check(result, x, q, backward: bool = True) -> None:
+            if is_straight_through:
+                check_straight_through(result, x, q, backward=backward)
+            else:
+                check_alias(result, x, backward=backward)
+
+        def checked(*batch):  # under vmap: checked inside, where the batched tensors are
+            result = invoke(*batch, *args[len(batch):])
+            check(result, batch[0], batch[1] if len(batch) > 1 else q, backward=False)
+            return result
+
         batched = call.context == "vmap" and isinstance(t, torch.Tensor) and t.dim() > 0
         try:
-            if batched:  # checked inside, where the batched tensor is; an AssertionError is not caught below
-                torch.vmap(lambda x: (check_alias(r := invoke(x, *args[1:]), x, backward=False), r)[1])(t)
+            if batched and is_straight_through and len(args) > 1 and isinstance(q, torch.Tensor):
+                # q batched too where it can be (x's batch size), else x alone.
+                in_dims = (0, 0) if q.dim() > 0 and q.shape[0] == t.shape[0] else (0, None)
+                torch.vmap(checked, in_dims=in_dims)(t, q)
+            elif batched:  # an AssertionError raised inside is a finding: not caught below
+                torch.vmap(checked)(t)
             else:
                 result = invoke(*args)
         except ALLOWED as error:
@@ -334,9 +496,15 @@ def run(call: Call, stats: collections.Counter, last_input: str | None) -> None:
                 assert any(message in str(error) for message in known), error
             stats[type(error).__name__] += 1
             return
-        if not batched:
-            check_alias(result, t)  # outside the try, so that a failed check is a finding
+        except AssertionError as error:
+            if not torch_aliasing_assert(error):
+                raise
+            stats["torch's aliasing assert"] += 1
+            return
+        if not batched:  # outside the try, so that a failed check is a finding
+            check(result, t, q)
         stats["results"] += 1
+        stats[f"results: {path}"] += 1
 
 
 def main() -> int:
@@ -371,6 +539,12 @@ def main() -> int:
               f"{chunk} chunks: {dict(stats)}")  # fmt: skip
     if not stats["results"]:
         print("no call returned a result: the search tried nothing that works", file=sys.stderr)
+        return 1
+    # Each entry, and straight_through's fast path and parsed path, must have returned at least once.
+    paths = ["bridge", "torch.ops", "BridgeFunction.apply", "Bridge", "straight_through(x, q)", *ST_ENTRIES]
+    untried = [path for path in paths if not stats[f"results: {path}"]]
+    if untried:
+        print(f"no call of {', '.join(untried)} returned a result: the search tried nothing that works there", file=sys.stderr)
         return 1
     return 0
 

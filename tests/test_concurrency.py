@@ -1,4 +1,4 @@
-"""bridge from many threads at once, and across CUDA streams, behaves as it does alone."""
+"""bridge and straight_through from many threads at once, and across CUDA streams, behave as they do alone."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from torch import nn
 
 import gradbridge_ext
 from gradbridge_ext import bridge
-from helpers import SETTINGS, SHARES_VERSION, metadata
+from helpers import SETTINGS, SHARES_VERSION, metadata, ternary
+from st_settings import ST_GRAD_SCALE, ST_SETTINGS
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
@@ -69,6 +70,46 @@ def test_threads_training_at_once_match_one_thread() -> None:
     # however many run at once; no set_num_threads needed.
     serial = [train(i) for i in range(THREADS)]
     threaded = run_in_threads(train)
+    for index, (alone, together) in enumerate(zip(serial, threaded)):
+        for name in alone:
+            torch.testing.assert_close(together[name], alone[name], rtol=0, atol=0, msg=f"thread {index}: {name}")
+
+
+def straight_through_for(index: int):
+    """Thread `index`'s straight_through(w, q): the fast path, a scale of its own, or a mask of its own."""
+    kind = index % 3
+    if kind == 0:
+        return gradbridge_ext.straight_through
+    if kind == 1:
+        return lambda w, q: gradbridge_ext.straight_through(w, q, -(index + 1) / THREADS)
+    return lambda w, q: gradbridge_ext.straight_through(w, q, torch.arange(16.0) / (index + 1))
+
+
+def train_ternary(index: int, barrier: threading.Barrier | None = None) -> dict[str, torch.Tensor]:
+    """Two BitNet-style layers trained through thread `index`'s straight_through on their weights."""
+    generator = torch.Generator().manual_seed(index)
+    weights = [(torch.randn(16, 16, generator=generator) / 4).requires_grad_() for _ in range(2)]
+    x, y = torch.randn(32, 16, generator=generator), torch.randn(32, 16, generator=generator)
+    quantize = straight_through_for(index)
+    if barrier is not None:
+        barrier.wait()
+    for _ in range(STEPS):
+        for w in weights:
+            w.grad = None
+        h = x
+        for w in weights:
+            h = torch.relu(h @ quantize(w, ternary(w.detach())).t())
+        (h - y).pow(2).mean().backward()
+        with torch.no_grad():
+            for w in weights:
+                w.sub_(w.grad, alpha=0.1)
+    return {**{f"w{i}": w.detach().clone() for i, w in enumerate(weights)}, **{f"w{i}.grad": w.grad for i, w in enumerate(weights)}}
+
+
+def test_threads_training_through_straight_through_at_once_match_one_thread() -> None:
+    # Bitwise, for the reason test_threads_training_at_once_match_one_thread gives.
+    serial = [train_ternary(i) for i in range(THREADS)]
+    threaded = run_in_threads(train_ternary)
     for index, (alone, together) in enumerate(zip(serial, threaded)):
         for name in alone:
             torch.testing.assert_close(together[name], alone[name], rtol=0, atol=0, msg=f"thread {index}: {name}")
@@ -144,3 +185,61 @@ def test_record_stream_keeps_the_memory_until_the_side_stream_is_done(setting: s
     # straight back to the default stream, so the check above can fail.
     reused, _ = side_stream_reads_then_reallocates(make, record=False)
     assert reused
+
+
+@pytest.mark.parametrize("setting", ST_SETTINGS)
+def test_threads_aliasing_one_q_never_change_its_metadata(setting: str) -> None:
+    # x needs no grad, so each result is a plain alias of q (a recorded one
+    # refuses in-place ops), which always shares q's version counter.
+    q, x = torch.zeros(THREADS, 16), torch.zeros(THREADS, 16)
+    before = metadata(q), q.data_ptr()
+    make = ST_SETTINGS[setting]
+
+    def work(index: int, barrier: threading.Barrier) -> None:
+        barrier.wait()
+        for _ in range(ROUNDS):
+            result = make(x, q)
+            result.unsqueeze_(0)
+            result.resize_(3, 5)  # a shrink: q's storage is untouched
+            result.as_strided_((16,), (1,), 16 * index)
+            result.add_(1)  # writes through to q's row `index` only
+
+    run_in_threads(work)
+    assert (metadata(q), q.data_ptr()) == before
+    assert torch.equal(q, torch.full((THREADS, 16), float(ROUNDS)))
+    # The counter is atomic: every bump of every thread is counted.
+    assert q._version == THREADS * ROUNDS * OPS_PER_ROUND and x._version == 0
+
+
+BACKWARDS = 500
+
+
+@pytest.mark.parametrize("setting", ["straight_through", "grad_scale", "tensor grad_scale", "mask"])
+def test_threads_running_backward_into_one_x_accumulate_every_gradient(setting: str) -> None:
+    # Every thread sends its gradient into the same x.grad through results of one
+    # q; the values are small integers times a power of two, so any order of the
+    # additions gives the same sum: exactly what one thread running all the steps gives.
+    make = ST_SETTINGS[setting]
+
+    def run(threaded: bool) -> torch.Tensor:
+        x, q = torch.zeros(4, 16, requires_grad=True), torch.ones(4, 16)
+
+        def work(index: int, barrier: threading.Barrier | None = None) -> None:
+            upstream = torch.full((4, 16), float(index + 1))
+            if barrier is not None:
+                barrier.wait()
+            for _ in range(BACKWARDS):
+                result = make(x, q)
+                assert result.data_ptr() == q.data_ptr()
+                (result * upstream).sum().backward()
+
+        if threaded:
+            run_in_threads(work)
+        else:
+            for index in range(THREADS):
+                work(index)
+        return x.grad
+
+    together, alone = run(threaded=True), run(threaded=False)
+    assert torch.equal(together, alone)
+    assert torch.equal(alone, torch.full((4, 16), ST_GRAD_SCALE[setting] * BACKWARDS * THREADS * (THREADS + 1) / 2))

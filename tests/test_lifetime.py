@@ -1,4 +1,10 @@
-"""bridge(t) leaks nothing: memory stays flat over a million calls, storages die with their last alias, no cycles."""
+"""bridge(t) and straight_through(x, q) leak nothing: memory stays flat over a million calls, storages and saved
+scales die with their last owner, no cycles.
+
+The million-call and 10,000-step loops are the full tier's (slow); the fast tier
+runs 100,000 calls of one setting of each operator, still enough to see a leak
+of 8 bytes a call (test_the_measurement_sees_an_8_byte_leak_per_call).
+"""
 
 from __future__ import annotations
 
@@ -13,8 +19,9 @@ import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 
 import gradbridge_ext
-from gradbridge_ext import bridge
-from helpers import SETTINGS
+from gradbridge_ext import bridge, straight_through
+from helpers import SETTINGS, ternary
+from st_settings import ST_SETTINGS
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
@@ -22,8 +29,8 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"
 # A loop that frees what it makes leaves the memory in use where it was once
 # warmed up: 0 bytes over a million calls here, by each count below. glibc's
 # smallest heap chunk is 32 bytes, so leaking even one 8-byte malloc per call
-# adds 32 bytes a call: 32 MB over 1,000,000 calls, 6.4 MB over 200,000, far
-# above the bound (test_the_measurement_sees_an_8_byte_leak_per_call shows it).
+# adds 32 bytes a call: 32 MB over 1,000,000 calls, 3.2 MB over the fast tier's
+# 100,000, above the bound (test_the_measurement_sees_an_8_byte_leak_per_call shows it).
 # The bound leaves 256 pages for the allocators' rounding (glibc trims and maps
 # in steps of 128 KiB).
 LEAK_BOUND = 1 << 20
@@ -32,6 +39,12 @@ WARMUP = 10_000
 CALLS = dict.fromkeys(["cut", "reversal", "attach", "strict cut"], 1_000_000) | dict.fromkeys(
     ["torch.ops cut", "torch.ops reversal", "BridgeFunction", "Bridge module"], 200_000
 )
+ST_CALLS = dict.fromkeys(["straight_through", "grad_scale", "grad_scale keyword", "zero grad_scale"], 1_000_000) | dict.fromkeys(
+    ["tensor grad_scale", "mask", "torch.ops", "torch.ops tensor"], 200_000
+)
+# The fast tier's loop: one setting of each operator, each building a node a call.
+FAST_CALLS = 100_000
+FAST = {"bridge": ("reversal", SETTINGS), "straight_through": ("straight_through", ST_SETTINGS)}
 PAGE = os.sysconf("SC_PAGE_SIZE")
 LIBC = ctypes.CDLL(None)
 LIBC.malloc.restype, LIBC.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
@@ -99,7 +112,13 @@ linux_only = pytest.mark.skipif(
 )
 
 
+def reference_counts(t: torch.Tensor) -> tuple[int, int, int]:
+    """t's Python references, TensorImpl owners and storage owners: a leaked reference costs no memory but keeps t alive."""
+    return sys.getrefcount(t), t._use_count(), torch._C._storage_Use_Count(t.untyped_storage()._cdata)
+
+
 @linux_only
+@pytest.mark.slow
 @pytest.mark.parametrize("setting", SETTINGS)
 def test_a_million_calls_leave_memory_flat(setting: str) -> None:
     t, make = source(), SETTINGS[setting]
@@ -113,6 +132,31 @@ def test_a_million_calls_leave_memory_flat(setting: str) -> None:
     assert (sys.getrefcount(t), t._use_count(), torch._C._storage_Use_Count(t.untyped_storage()._cdata)) == counts
 
 
+@linux_only
+@pytest.mark.slow
+@pytest.mark.parametrize("setting", ST_SETTINGS)
+def test_a_million_straight_through_calls_leave_memory_flat(setting: str) -> None:
+    # x fixed and requiring grad, so that every call builds a node; q fixed.
+    x, q, make = torch.randn(64, requires_grad=True), torch.randn(64), ST_SETTINGS[setting]
+    counts = reference_counts(x), reference_counts(q)
+    growth = memory_growth(lambda: make(x, q), ST_CALLS[setting])
+    assert growth < LEAK_BOUND, f"{growth / ST_CALLS[setting]:.1f} bytes a call"
+    assert (reference_counts(x), reference_counts(q)) == counts
+
+
+@linux_only
+@pytest.mark.parametrize("op", FAST)
+def test_100_000_calls_leave_memory_flat(op: str) -> None:
+    # The fast tier's version of the two tests above, for one setting of each operator.
+    setting, table = FAST[op]
+    x, q = source(), torch.randn(64)
+    args = (x,) if op == "bridge" else (x, q)
+    counts = [reference_counts(t) for t in args]
+    growth = memory_growth(lambda: table[setting](*args), FAST_CALLS)
+    assert growth < LEAK_BOUND, f"{growth / FAST_CALLS:.1f} bytes a call"
+    assert [reference_counts(t) for t in args] == counts
+
+
 def training_step(setting: str, x: torch.Tensor, w: torch.Tensor) -> None:
     """B's output feeds C through the bridge; the gradients accumulate in place into x.grad and w.grad."""
     b = x * 2
@@ -120,13 +164,24 @@ def training_step(setting: str, x: torch.Tensor, w: torch.Tensor) -> None:
     (b.sum() + c.sum()).backward()
 
 
+def straight_through_step(setting: str, x: torch.Tensor, w: torch.Tensor) -> None:
+    """C multiplies by x's ternary form through the STE; the gradients accumulate in place into x.grad and w.grad."""
+    c = ST_SETTINGS[setting](x, ternary(x.detach())) * w
+    c.sum().backward()
+
+
+STEPS = {"reversal": training_step, "attach": training_step, "straight_through": straight_through_step,
+         "mask": straight_through_step}  # fmt: skip
+
+
 @linux_only
-@pytest.mark.parametrize("setting", ["reversal", "attach"])
+@pytest.mark.slow
+@pytest.mark.parametrize("setting", STEPS)
 def test_forward_and_backward_loops_leave_memory_flat(setting: str) -> None:
     # ~150 us a step, so 10,000 steps: the bound catches 105 bytes a step, less
     # than any leaked tensor (a TensorImpl alone) or autograd node.
     x, w = torch.randn(64, requires_grad=True), torch.randn(64, requires_grad=True)
-    growth = memory_growth(lambda: training_step(setting, x, w), 10_000, warmup=1_000)
+    growth = memory_growth(lambda: STEPS[setting](setting, x, w), 10_000, warmup=1_000)
     assert growth < LEAK_BOUND, f"{growth / 10_000:.1f} bytes a step"
 
 
@@ -140,7 +195,7 @@ def test_the_measurement_sees_kept_results() -> None:
 
 @linux_only
 def test_the_measurement_sees_an_8_byte_leak_per_call() -> None:
-    calls = min(CALLS.values())  # the fewest calls any test above makes
+    calls = min(FAST_CALLS, *CALLS.values(), *ST_CALLS.values())  # the fewest calls any test above makes
     # Where the leaked pointers go, touched first so that only the leak grows RSS.
     leaked = (ctypes.c_void_p * (WARMUP + calls))()
     ctypes.memset(leaked, 0, ctypes.sizeof(leaked))
@@ -159,9 +214,11 @@ def test_the_measurement_sees_an_8_byte_leak_per_call() -> None:
 
 
 @cuda
-@pytest.mark.parametrize("setting", ["cut", "reversal", "attach", "strict cut"])
+@pytest.mark.slow
+@pytest.mark.parametrize("setting", ["cut", "reversal", "attach", "strict cut", "straight_through", "grad_scale"])
 def test_cuda_memory_stays_at_baseline_over_a_million_calls(setting: str) -> None:
-    t, make = source("cuda"), SETTINGS[setting]
+    t, q = source("cuda"), torch.randn(64, device="cuda")
+    make = SETTINGS[setting] if setting in SETTINGS else lambda t: ST_SETTINGS[setting](t, q)
     torch.cuda.synchronize()
     baseline = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
@@ -173,14 +230,16 @@ def test_cuda_memory_stays_at_baseline_over_a_million_calls(setting: str) -> Non
 
 
 @cuda
-@pytest.mark.parametrize("setting", ["cut", "reversal", "attach"])
+@pytest.mark.slow
+@pytest.mark.parametrize("setting", ["cut", "reversal", "attach", "straight_through", "mask"])
 def test_cuda_memory_returns_to_baseline_after_training_steps(setting: str) -> None:
     x, w = torch.randn(1024, device="cuda", requires_grad=True), torch.randn(1024, device="cuda", requires_grad=True)
-    training_step(setting, x, w)  # allocates x.grad and w.grad, which later steps add to in place
+    step = straight_through_step if setting in ST_SETTINGS else training_step
+    step(setting, x, w)  # allocates x.grad and w.grad, which later steps add to in place
     torch.cuda.synchronize()
     baseline = torch.cuda.memory_allocated()
     for _ in range(10_000):
-        training_step(setting, x, w)
+        step(setting, x, w)
     torch.cuda.synchronize()
     assert torch.cuda.memory_allocated() == baseline
 
@@ -199,6 +258,47 @@ def test_storage_is_freed_with_its_last_alias(setting: str, first: str, device: 
     assert storage.expired()
 
 
+@pytest.mark.parametrize("first", ["q", "result"])
+@pytest.mark.parametrize("setting", ST_SETTINGS)
+def test_qs_storage_is_freed_with_its_last_alias(setting: str, first: str, device: str) -> None:
+    x = torch.randn(64, device=device, requires_grad=True)
+    objects = {"q": source(device).detach()}
+    storage = StorageWeakRef(objects["q"].untyped_storage())
+    objects["result"] = ST_SETTINGS[setting](x, objects["q"])
+    last = "result" if first == "q" else "q"
+    del objects[first]
+    assert not storage.expired()
+    assert objects[last].isfinite().all()  # the survivor still reads valid memory
+    del objects[last]
+    assert storage.expired()  # x, which gets the gradient, keeps nothing of q's alive
+
+
+SCALES = {"0-dim": lambda device: torch.tensor(-0.5, device=device), "mask": lambda device: torch.rand(64, device=device)}
+OPS = {"bridge": lambda t, scale: bridge(t, scale), "straight_through": lambda t, scale: straight_through(t, t.detach().round(), scale)}
+
+
+@pytest.mark.parametrize("backward", [True, False], ids=["backward", "graph dropped unused"])
+@pytest.mark.parametrize("scale", SCALES)
+@pytest.mark.parametrize("op", OPS)
+def test_a_tensor_grad_scale_dies_with_the_graph(op: str, scale: str, backward: bool, device: str) -> None:
+    # The node saves the scale for the backward (an in-place change between steps
+    # is a schedule); it may keep it only as long as the graph is alive.
+    t = torch.randn(64, device=device, requires_grad=True)
+    grad_scale = SCALES[scale](device)
+    expected = grad_scale.expand(t.shape).clone()  # the gradient to t, per unit of incoming gradient
+    scale_storage, t_storage = StorageWeakRef(grad_scale.untyped_storage()), StorageWeakRef(t.untyped_storage())
+    result = OPS[op](t, grad_scale)
+    del grad_scale
+    assert not scale_storage.expired()  # saved: the graph still needs it
+    if backward:
+        result.sum().backward()
+        assert torch.equal(t.grad, expected)
+    del result
+    assert scale_storage.expired()
+    del t
+    assert t_storage.expired()
+
+
 class Hook:
     """A weakly referenceable hook: it dies with the autograd node that holds it."""
 
@@ -206,11 +306,12 @@ class Hook:
         pass
 
 
-def leftovers_without_gc(scenario, *args) -> tuple[list[str], bool, int]:
+def leftovers_without_gc(scenario, *args, storage_of: str = "t") -> tuple[list[str], bool, int]:
     """Run scenario with the cyclic collector off; what reference counting alone did not free.
 
-    Returns the names of the objects still alive, whether t's storage is still
-    alive, and how many objects gc.collect() then found unreachable.
+    Returns the names of the objects still alive, whether the storage of the
+    object `storage_of` names (the result's source) is still alive, and how many
+    objects gc.collect() then found unreachable.
     """
     scenario(*args)  # first calls may leave lazily built state (autograd, caches) for gc
     gc.collect()  # garbage made before the scenario is not its own
@@ -218,7 +319,7 @@ def leftovers_without_gc(scenario, *args) -> tuple[list[str], bool, int]:
     try:
         objects = scenario(*args)
         refs = {name: weakref.ref(o) for name, o in objects.items()}
-        storage = StorageWeakRef(objects["t"].untyped_storage())
+        storage = StorageWeakRef(objects[storage_of].untyped_storage())
         hook = Hook()
         if objects["result"].grad_fn is not None:
             objects["result"].grad_fn.register_hook(hook)
@@ -246,6 +347,25 @@ def bridged_model(make, backward: bool, device: str) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("setting", SETTINGS)
 def test_reference_counting_alone_frees_everything(setting: str, backward: bool, device: str) -> None:
     assert leftovers_without_gc(bridged_model, SETTINGS[setting], backward, device) == ([], False, 0)
+
+
+def straight_through_model(make, backward: bool, device: str) -> dict[str, torch.Tensor]:
+    """A BitNet-style layer: x's ternary form q gives the values, x gets the gradient."""
+    x, w = torch.randn(8, device=device, requires_grad=True), torch.randn(8, device=device, requires_grad=True)
+    t = x * 2
+    q = ternary(t.detach())
+    result = make(t, q)
+    loss = t.sum() + (result * w).sum()
+    if backward:
+        loss.backward()
+    return {"x": x, "w": w, "t": t, "q": q, "result": result, "loss": loss}
+
+
+@pytest.mark.parametrize("backward", [True, False], ids=["backward", "graph dropped unused"])
+@pytest.mark.parametrize("setting", ST_SETTINGS)
+def test_reference_counting_alone_frees_everything_straight_through(setting: str, backward: bool, device: str) -> None:
+    found = leftovers_without_gc(straight_through_model, ST_SETTINGS[setting], backward, device, storage_of="q")
+    assert found == ([], False, 0)
 
 
 class LeakyReversal(torch.autograd.Function):

@@ -1,21 +1,25 @@
-"""bridge's contract as properties over random strided layouts, dtypes and settings.
+"""bridge's and straight_through's contract as properties over random strided layouts, dtypes and settings.
 
 Each example builds t = base.as_strided(size, stride, offset) on a random 1-D
 base: strides may be 0 or smaller than the sizes, so elements of t can overlap,
-and some examples carry a conj or neg bit. Writes are checked against a model:
-the same write applied to a clone of the base through t's own layout.
+and some examples carry a conj or neg bit. bridge aliases t; straight_through
+aliases t as its q, with an x of t's shape (and a floating dtype of t's kind) as
+the source of the gradient. Writes are checked against a model: the same write
+applied to a clone of the base through t's own layout.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import pytest
 import torch
 
 
 from helpers import DTYPES, FLOAT8, SETTINGS, SHARES_VERSION, assert_alias, assert_view_only_if_recorded, metadata, random_values
+from st_settings import ST_SETTINGS
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import given, settings
@@ -23,7 +27,17 @@ from hypothesis import strategies as st
 
 # Four rows of the settings table: one per way the version counter and the graph go.
 PROPERTY_SETTINGS = ("cut", "reversal", "attach", "strict cut")
-EXAMPLES = settings(max_examples=150, deadline=None)  # per setting; 600 a property
+# Four of straight_through's (its result always shares q's counter): recorded through
+# the C entry, the parsed path and torch.ops, and not recorded (x needs no grad).
+# Each: (the row of ST_SETTINGS, whether x requires grad).
+ST_PROPERTY_SETTINGS = {
+    "straight_through": ("straight_through", True),
+    "straight_through, x needs no grad": ("straight_through", False),
+    "straight_through mask": ("mask", True),
+    "straight_through torch.ops": ("torch.ops", True),
+}
+EXAMPLES = settings(max_examples=150, deadline=None)  # per setting; 1200 a property
+ST_DTYPES = [d for d in DTYPES if d.is_floating_point or d.is_complex]
 
 
 def bytes_of(t: torch.Tensor) -> torch.Tensor:
@@ -44,7 +58,7 @@ def reach(size: list[int], stride: list[int]) -> int:
 @st.composite
 def strided_sources(draw: st.DrawFn, setting: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(base, t): t is an as_strided view of base, its conj or its neg."""
-    dtype = draw(st.sampled_from(DTYPES))
+    dtype = draw(st.sampled_from(ST_DTYPES if setting in ST_PROPERTY_SETTINGS else DTYPES))
     ndim = draw(st.integers(0, 4))
     size = draw(st.lists(st.integers(0, 5), min_size=ndim, max_size=ndim))
     stride = draw(st.lists(st.integers(0, 6), min_size=ndim, max_size=ndim))
@@ -55,6 +69,8 @@ def strided_sources(draw: st.DrawFn, setting: str) -> tuple[torch.Tensor, torch.
         base = random_values((length,), dtype, "cpu")
     if setting in ("reversal", "attach") and differentiable(dtype):
         base.requires_grad_()  # t is then a non-leaf view that requires grad
+    elif setting in ST_PROPERTY_SETTINGS and differentiable(dtype) and dtype not in FLOAT8:
+        base.requires_grad_(draw(st.booleans()))  # q's own graph, which straight_through never sends to
     t = base.as_strided(size, stride, offset)
     bits = ["", "conj" if dtype.is_complex else "", "neg" if dtype not in (torch.bool, *FLOAT8) else ""]
     bit = draw(st.sampled_from(bits))
@@ -66,24 +82,45 @@ def strided_sources(draw: st.DrawFn, setting: str) -> tuple[torch.Tensor, torch.
 
 
 def each_setting(test: Callable) -> Callable:
-    """A hypothesis property over random strided sources, for each setting."""
-    return pytest.mark.parametrize("setting", PROPERTY_SETTINGS)(EXAMPLES(given(data=st.data())(test)))
+    """A hypothesis property over random strided sources, for each setting of bridge and of straight_through."""
+    return pytest.mark.parametrize("setting", [*PROPERTY_SETTINGS, *ST_PROPERTY_SETTINGS])(
+        EXAMPLES(given(data=st.data())(test))
+    )
 
 
-def bridged(setting: str, data: st.DataObject) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A random source: its base, the strided view t, and t bridged in this setting."""
+@dataclass
+class Aliased:
+    """A random source (the strided view t of base), its alias in one setting, and what the alias must be."""
+
+    base: torch.Tensor
+    t: torch.Tensor
+    result: torch.Tensor
+    recorded: bool  # in the graph: a custom Function's view of t
+    shares_counter: bool  # t's version counter
+    backward: str  # the recorded result's grad_fn
+
+
+def bridged(setting: str, data: st.DataObject) -> Aliased:
+    """t bridged in this setting, or straight_through(x, t) with a random x of t's shape."""
     base, t = data.draw(strided_sources(setting))
-    return base, t, SETTINGS[setting](t)
+    if setting in PROPERTY_SETTINGS:
+        recorded = t.requires_grad and setting in ("reversal", "attach")
+        return Aliased(base, t, SETTINGS[setting](t), recorded, setting in SHARES_VERSION, "BridgeBackward")
+    row, requires_grad = ST_PROPERTY_SETTINGS[setting]
+    kind = [torch.complex64, torch.complex128] if t.dtype.is_complex else [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+    x = random_values(tuple(t.shape), data.draw(st.sampled_from(kind)), "cpu").requires_grad_(requires_grad)
+    return Aliased(base, t, ST_SETTINGS[row](x, t), requires_grad, True, "StraightThroughBackward")
 
 
 @each_setting
 def test_result_has_the_metadata_of_t_and_is_a_view_only_if_recorded(setting: str, data: st.DataObject) -> None:
-    _, t, result = bridged(setting, data)
+    case = bridged(setting, data)
+    result, t = case.result, case.t
     assert_alias(result, t)
     assert_view_only_if_recorded(result, t)
-    assert result.requires_grad == (t.requires_grad and setting in ("reversal", "attach"))
+    assert result.requires_grad == case.recorded
     if result.requires_grad:
-        assert result.grad_fn.name() == "BridgeBackward"
+        assert result.grad_fn.name() == case.backward
     else:
         assert result.grad_fn is None and result.is_leaf
 
@@ -107,7 +144,8 @@ def test_writes_are_shared_both_ways_even_where_elements_overlap(setting: str, d
     # fill_ writes one value, and a write to one element is one store, so both
     # are exact where elements of t overlap; an elementwise copy_ would not be.
     # torch refuses fill_ where a conj or neg bit meets memory it sees overlap.
-    base, t, result = bridged(setting, data)
+    case = bridged(setting, data)
+    base, t, result = case.base, case.t, case.result
     model_base = base.detach().clone()
     model = model_base.as_strided(t.shape, t.stride(), t.storage_offset())
     model = model.conj() if t.is_conj() else torch._neg_view(model) if t.is_neg() else model
@@ -131,8 +169,8 @@ def test_writes_are_shared_both_ways_even_where_elements_overlap(setting: str, d
 
 @each_setting
 def test_inplace_ops_bump_a_shared_counter_only_where_it_is_shared(setting: str, data: st.DataObject) -> None:
-    _, t, result = bridged(setting, data)
-    shares_counter = setting in SHARES_VERSION
+    case = bridged(setting, data)
+    t, result, shares_counter = case.t, case.result, case.shares_counter
     # A one-element write is an in-place op torch takes on every layout (fill_ is
     # refused where a conj or neg bit meets overlap); an empty tensor has none.
     index = (0,) * t.dim() if t.numel() else ...
@@ -175,7 +213,8 @@ def metadata_change(draw: st.DrawFn, r: torch.Tensor) -> tuple[str, Callable[[],
 
 @each_setting
 def test_metadata_changes_on_the_result_leave_t_as_it_was(setting: str, data: st.DataObject) -> None:
-    _, t, result = bridged(setting, data)
+    case = bridged(setting, data)
+    t, result = case.t, case.result
     before = metadata(t), t.data_ptr(), t.untyped_storage().data_ptr(), bytes_of(t).clone()
     for _ in range(data.draw(st.integers(1, 3))):
         name, change = data.draw(metadata_change(result))
