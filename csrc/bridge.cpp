@@ -397,7 +397,6 @@ struct ScaledGradBackward : public torch::autograd::Node {
   }
 
  public:
-
   const char* const name_;
   const double grad_scale;
   torch::autograd::SavedVariable scale_tensor;
@@ -518,6 +517,11 @@ at::Tensor bridge_tensor_autograd(
   return attach_to_graph(t, t, std::move(result), make_node<ScaledGradBackward>("BridgeBackward", grad_scale));
 }
 
+const char* const kInferenceQ =
+    "gradbridge::straight_through(x, q): q is an inference tensor (made under torch.inference_mode()) and x "
+    "requires grad, but autograd records nothing on an inference tensor's alias, so x would get no gradient; "
+    "make q outside inference mode, or pass q.clone()";
+
 // NB: an STE's backward is no derivative of its forward either, so forward-mode
 // AD is refused for x and q alike.
 template <class Op, class Scale>
@@ -527,6 +531,10 @@ at::Tensor straight_through_autograd(
   TORCH_CHECK_NOT_IMPLEMENTED(
       !torch::autograd::isFwGradDefined(x) && !torch::autograd::isFwGradDefined(q),
       "gradbridge::straight_through: forward-mode AD is not supported");
+  // NB: an alias of an inference tensor is one too, and autograd records no op
+  // on it: the node would be set, and every op after it would drop x's gradient.
+  TORCH_CHECK(
+      !q.is_inference() || !torch::autograd::compute_requires_grad(x), kInferenceQ);
   auto result = redispatch_below_autograd(op, ks, x, q, grad_scale);
   return attach_to_graph(q, x, std::move(result), make_node<ScaledGradBackward>("StraightThroughBackward", grad_scale));
 }

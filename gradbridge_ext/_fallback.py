@@ -277,6 +277,12 @@ def straight_through(x: Tensor, q: Tensor, grad_scale: float | Tensor) -> Tensor
         raise NotImplementedError("gradbridge::straight_through: forward-mode AD is not supported")
     if not recorded(x):
         return q.detach()
+    if q.is_inference():
+        raise RuntimeError(
+            "gradbridge::straight_through(x, q): q is an inference tensor (made under torch.inference_mode()) and x "
+            "requires grad, but autograd records nothing on an inference tensor's alias, so x would get no gradient; "
+            "make q outside inference mode, or pass q.clone()"
+        )
     if _old_export_traces() or _traced_below_autograd():
         return unexportable("straight_through", True, q)
     scale = grad_scale if isinstance(grad_scale, Tensor) or grad_scale != 0 else None

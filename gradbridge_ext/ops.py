@@ -526,6 +526,8 @@ def _bridge_vmap(
 def _bridge_tensor_vmap(
     info: Any, in_dims: tuple[int | None, ...], t: Tensor, grad_scale: Tensor, attach: bool | None = None
 ) -> tuple[Tensor, int | None]:
+    if t is None:  # torch.ops passes None on: the operator refuses it, as outside vmap
+        return torch.ops.gradbridge.bridge.Tensor(t, grad_scale, attach), None
     if in_dims[1] is not None:
         raise ValueError("bridge under vmap: a grad_scale tensor must be the same for the whole batch")
     # A mask broadcasts from the right, so the batch goes first, where it cannot meet the mask.
@@ -542,6 +544,9 @@ def _batch_first(t: Tensor, in_dim: int | None, info: Any) -> Tensor:
 def _straight_through_vmap(
     info: Any, in_dims: tuple[int | None, ...], x: Tensor, q: Tensor, grad_scale: float | Tensor = 1.0
 ) -> tuple[Tensor, int | None]:
+    if x is None or q is None:  # torch.ops passes None on: the operator refuses it, as outside vmap
+        overload = torch.ops.gradbridge.straight_through.Tensor if isinstance(grad_scale, Tensor) else torch.ops.gradbridge.straight_through.default
+        return overload(x, q, grad_scale), None
     if isinstance(grad_scale, Tensor) and in_dims[2] is not None:
         raise ValueError("straight_through under vmap: a grad_scale tensor must be the same for the whole batch")
     return straight_through(_batch_first(x, in_dims[0], info), _batch_first(q, in_dims[1], info), grad_scale), 0
