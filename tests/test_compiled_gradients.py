@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import re
 from collections.abc import Callable
 
@@ -229,8 +230,8 @@ def traced(model: nn.Module, mode: str, pre_dispatch: bool) -> Callable[[Tensor]
     example = [t.detach().clone().requires_grad_(t.requires_grad) for t in state.values()]
     graph = make_fx(forward, tracing_mode=mode, pre_dispatch=pre_dispatch)(X.clone().requires_grad_(), *example)
     ops = {str(node.target) for node in graph.graph.nodes if node.op == "call_function"}
-    assert "aten.alias.default" not in ops, ops  # never the identity's gradient
     # The operator itself; a cut's detach where torch 2.5 decomposes or the fallback traces (it registers none).
+    # (No check for aten.alias: torch 2.15 records detach() as one; the rerun's gradients are the check.)
     assert any(op.startswith("gradbridge.") for op in ops) or not torch_at_least("2.6") or not gradbridge_ext.NATIVE, ops
     return lambda x: tuple(graph(x, *state.values()))
 
@@ -238,9 +239,25 @@ def traced(model: nn.Module, mode: str, pre_dispatch: bool) -> Callable[[Tensor]
 MAKE_FX_CASES = [(s, m, d) for s in SETTINGS for m in ["real", "fake", "symbolic"] for d in ["make_fx", "pre_dispatch"]]
 
 
+@functools.cache
+def make_fx_keeps_detach() -> bool:
+    """Whether this torch's make_fx records detach() as itself: torch 2.15's records aten.alias, whose rerun differentiates."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    graph = make_fx(lambda t: t.detach())(torch.ones(1, requires_grad=True))
+    return "aten.detach" in {str(node.target).rsplit(".", 1)[0] for node in graph.graph.nodes}
+
+
+# The settings whose eager gradient is None only because of a detach(): Net's q is h.detach()'s, returned beside
+# the result; and the fallback's cut is detach() itself.
+NEEDS_DETACH = {"straight_through zero", "straight_through, x needs no grad"}
+
+
 @NEEDS_THE_COMPILE_RULE
 @tiered("setting, mode, dispatch", MAKE_FX_CASES, lambda s, m, d: (m, d) == ("fake", "make_fx") or s == "reversal")
 def test_make_fx_graphs_rerun_with_eagers_gradients(setting: str, mode: str, dispatch: str, implementation: str) -> None:
+    if dispatch == "make_fx" and not make_fx_keeps_detach() and (setting in NEEDS_DETACH or (implementation, setting) == ("fallback", "cut")):
+        pytest.skip("this torch's make_fx records detach() as aten.alias, so a traced detach reruns differentiable")
     eager = Net(setting, "beside its base")
     model = copy.deepcopy(eager)
     if implementation == "fallback" and setting not in ("cut", "straight_through, x needs no grad"):
