@@ -8,7 +8,9 @@ STAMP = .make/installed-torch-$(TORCH_VERSION)
 INSTALL_TORCH = $(PYTHON) -c "import torch" 2>/dev/null || { \
 	  echo "make: no torch is importable; installing torch==$(DEFAULT_TORCH) with pip (which build depends on your pip's index)"; \
 	  $(PYTHON) -m pip install torch==$(DEFAULT_TORCH); }
-PYTEST = $(PYTHON) -m pytest -p no:cacheprovider
+# pytest-xdist workers: two, a 2-core machine's (CI's); WORKERS=0 runs in one process.
+WORKERS ?= 2
+PYTEST = $(PYTHON) -m pytest -p no:cacheprovider -n $(WORKERS)
 
 .PHONY: setup test test-all example bench bench-results
 
