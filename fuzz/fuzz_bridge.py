@@ -388,17 +388,21 @@ def check_alias(result, t, backward: bool = True) -> None:
     if type(t) in (torch.Tensor, nn.Parameter):  # a subclass is re-wrapped by as_subclass, a view, as detach() is
         # An attached result in the graph is a custom Function's view of t (it refuses in-place ops).
         assert result._base is (None if not result.requires_grad else t if t._base is None else t._base)
-    try:
-        data_ptr = t.data_ptr()
-    except RuntimeError:  # wrapper subclasses, fake and batched tensors have none
-        data_ptr = None
-    assert data_ptr is None or result.data_ptr() == data_ptr
+    assert_same_data(result, t)
     if backward and result.requires_grad and result.numel() < 1000:
         try:
             result.backward(ones(result))
         except RuntimeError as error:  # dtypes without the kernels a gradient needs
             if not any(gap in str(error) for gap in BACKWARD_KERNEL_GAPS) or "INTERNAL ASSERT" in str(error):
                 raise
+
+
+def assert_same_data(result, t) -> None:
+    try:
+        data_ptr = t.data_ptr()
+    except RuntimeError:  # wrapper subclasses, fake and batched tensors have none
+        return
+    assert result.data_ptr() == data_ptr
 
 
 PLAIN = (torch.Tensor, nn.Parameter)  # a subclass is re-wrapped by as_subclass, a view, as detach() is
@@ -413,16 +417,11 @@ def check_straight_through(result, x, q, backward: bool = True) -> None:
     assert result.shape == q.shape and result.dtype == q.dtype, (result.shape, q.shape, result.dtype, q.dtype)
     assert x.shape == q.shape, f"shapes {x.shape} and {q.shape} were accepted"
     plain = type(x) in PLAIN and type(q) in PLAIN
-    # NB: an inference q is the one known exception to the view rule (tests/test_inputs.py, INFERENCE_Q_FINDING).
-    if plain and not q.is_inference():
+    if plain:
         assert result.requires_grad == (x.requires_grad and torch.is_grad_enabled()), (result.requires_grad, x.requires_grad)
         # A recorded result is a custom Function's view of q (it refuses in-place ops).
         assert result._base is (None if not result.requires_grad else q if q._base is None else q._base)
-    try:
-        data_ptr = q.data_ptr()
-    except RuntimeError:  # wrapper subclasses, fake and batched tensors have none
-        data_ptr = None
-    assert data_ptr is None or result.data_ptr() == data_ptr
+    assert_same_data(result, q)
     if backward and result.requires_grad and result.numel() < 1000:
         q_grad = q.grad if plain and q.is_leaf else None
         try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -63,16 +64,21 @@ def train(index: int, barrier: threading.Barrier | None = None) -> dict[str, tor
     return {**{n: p.detach().clone() for n, p in named.items()}, **{f"{n}.grad": p.grad for n, p in named.items()}}
 
 
+def assert_threads_match_one_thread(train_one: Callable[[int], dict]) -> None:
+    """THREADS runs of ``train_one`` at once give, bitwise, what each gives alone."""
+    serial = [train_one(i) for i in range(THREADS)]
+    threaded = run_in_threads(train_one)
+    for index, (alone, together) in enumerate(zip(serial, threaded)):
+        for name in alone:
+            torch.testing.assert_close(together[name], alone[name], rtol=0, atol=0, msg=f"thread {index}: {name}")
+
+
 def test_threads_training_at_once_match_one_thread() -> None:
     # Bitwise: every tensor is far below ATen's intra-op grain size (32768
     # elements) and too small for MKL to split a matmul, so each op runs whole
     # on its calling thread, in one order, whichever thread calls it and
     # however many run at once; no set_num_threads needed.
-    serial = [train(i) for i in range(THREADS)]
-    threaded = run_in_threads(train)
-    for index, (alone, together) in enumerate(zip(serial, threaded)):
-        for name in alone:
-            torch.testing.assert_close(together[name], alone[name], rtol=0, atol=0, msg=f"thread {index}: {name}")
+    assert_threads_match_one_thread(train)
 
 
 def straight_through_for(index: int):
@@ -108,11 +114,7 @@ def train_ternary(index: int, barrier: threading.Barrier | None = None) -> dict[
 
 def test_threads_training_through_straight_through_at_once_match_one_thread() -> None:
     # Bitwise, for the reason test_threads_training_at_once_match_one_thread gives.
-    serial = [train_ternary(i) for i in range(THREADS)]
-    threaded = run_in_threads(train_ternary)
-    for index, (alone, together) in enumerate(zip(serial, threaded)):
-        for name in alone:
-            torch.testing.assert_close(together[name], alone[name], rtol=0, atol=0, msg=f"thread {index}: {name}")
+    assert_threads_match_one_thread(train_ternary)
 
 
 # The forms bridging one shared tensor; strict() is entered once around the

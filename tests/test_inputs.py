@@ -73,13 +73,18 @@ def assert_gradient(setting: str, result: Tensor, t: Tensor) -> Tensor | None:
     if not result.requires_grad:
         return None
     (grad,) = torch.autograd.grad(result.sum(), t, allow_unused=True, materialize_grads=False)
-    if GRAD_SCALE[setting] == 0:
+    assert_scaled_gradient(grad, t, GRAD_SCALE[setting])
+    return grad
+
+
+def assert_scaled_gradient(grad: Tensor | None, t: Tensor, scale: float) -> None:
+    """The gradient a sum sends to ``t`` through a setting of this scale: None (not zeros) at 0."""
+    if scale == 0:
         assert grad is None  # not zeros
     elif t.is_meta:
         assert grad.is_meta and grad.shape == t.shape
     else:
-        assert torch.equal(grad, torch.full_like(t, GRAD_SCALE[setting]))
-    return grad
+        assert torch.equal(grad, torch.full_like(t, scale))
 
 
 def assert_versions_and_writes(setting: str, result: Tensor, t: Tensor) -> None:
@@ -231,12 +236,7 @@ def assert_straight_through_gradient(setting: str, result: Tensor, x: Tensor, q:
     inputs = [x, q] if q.requires_grad else [x]
     grad, *grad_q = torch.autograd.grad(downstream(result), inputs, allow_unused=True, materialize_grads=False)
     assert grad_q in ([], [None])  # never q's, even where q requires grad
-    if ST_GRAD_SCALE[setting] == 0:
-        assert grad is None  # not zeros
-    elif x.is_meta:
-        assert grad.is_meta and grad.shape == x.shape
-    else:
-        assert torch.equal(grad, torch.full_like(x, ST_GRAD_SCALE[setting]))
+    assert_scaled_gradient(grad, x, ST_GRAD_SCALE[setting])
     return grad
 
 
