@@ -311,7 +311,9 @@ def leftovers_without_gc(scenario, *args, storage_of: str = "t") -> tuple[list[s
 
     Returns the names of the objects still alive, whether the storage of the
     object `storage_of` names (the result's source) is still alive, and how many
-    objects gc.collect() then found unreachable.
+    of torch's objects gc.collect() then found unreachable. NB: only torch's: the
+    collector also finds what other threads made meanwhile (pytest-xdist's
+    execnet thread does), which is no cycle of the scenario's.
     """
     scenario(*args)  # first calls may leave lazily built state (autograd, caches) for gc
     gc.collect()  # garbage made before the scenario is not its own
@@ -328,8 +330,14 @@ def leftovers_without_gc(scenario, *args, storage_of: str = "t") -> tuple[list[s
         alive = [name for name, ref in refs.items() if ref() is not None]
         storage_alive = not storage.expired()
     finally:
-        found = gc.collect()
-        gc.enable()
+        gc.set_debug(gc.DEBUG_SAVEALL)  # what the collector finds stays in gc.garbage, to be looked at
+        try:
+            gc.collect()
+            found = sum(type(o).__module__.split(".")[0] == "torch" or isinstance(o, torch.Tensor) for o in gc.garbage)
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+            gc.enable()
     return alive, storage_alive, found
 
 
