@@ -67,8 +67,8 @@ def binary_name(platform: str = sys.platform) -> str:
 
 CXX_FLAGS = compile_flags()
 BINARY = binary_name()
-# The torch releases CI tests (.ci/matrix, oldest and newest); the oldest is
-# pyproject.toml's floor.
+# The oldest and newest torch CI tests: .ci/torch-versions' matrix, which
+# tests/test_install.py holds this and pyproject.toml's floor to.
 TESTED_TORCH = ("2.1", "2.15")
 # What a build recorded about its binary (size and SHA-256), checked before loading.
 RECORD = BINARY + ".sha256"

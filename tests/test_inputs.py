@@ -375,9 +375,9 @@ def test_straight_through_of_more_than_2_to_the_31_elements(setting: str, device
     result = ST_SETTINGS[setting](x, q)
     assert_alias(result, q)
     assert result.numel() == q.numel() > 2**31 and result.requires_grad
-    with torch.no_grad():
-        result[-1, -1] = 7
-    assert q[-1, -1].float().item() == 7
+    with torch.no_grad():  # through bytes: float8 has no fill kernel before torch 2.6
+        result.view(torch.uint8)[-1, -1] = 7
+    assert q.view(torch.uint8)[-1, -1].item() == 7
 
 
 @pytest.mark.parametrize(
