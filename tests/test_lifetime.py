@@ -316,7 +316,10 @@ def leftovers_without_gc(scenario, *args, storage_of: str = "t") -> tuple[list[s
     execnet thread does), which is no cycle of the scenario's.
     """
     scenario(*args)  # first calls may leave lazily built state (autograd, caches) for gc
-    gc.collect()  # garbage made before the scenario is not its own
+    # Garbage made before the scenario is not its own; freeing some (finalizers, weakref callbacks)
+    # makes more, so collect until a pass finds none.
+    while gc.collect():
+        pass
     gc.disable()
     try:
         objects = scenario(*args)
