@@ -1,9 +1,10 @@
-"""gradbridge_ext: cut gradient flow at a chosen point of a model, without a copy.
+"""gradbridge_ext: choose the gradient at a point of a model, on a zero-copy alias.
 
-For a model A -> B -> C in which C must learn from B's output but C's loss must
-not train B or A::
-
-    c = C(gradbridge_ext.bridge(b))
+``bridge(b)`` cuts (for a model A -> B -> C in which C must learn from B's output
+but C's loss must not train B or A: ``c = C(gradbridge_ext.bridge(b))``);
+``bridge(b, s)`` scales or reverses the gradient, ``bridge(b, attach=True)`` keeps
+the result in the graph with none; ``straight_through(x, q)`` is ``q`` with ``x``'s
+gradient, the exact straight-through estimator.
 
 Everything is defined in ``gradbridge_ext.ops``; this module re-exports it.
 """

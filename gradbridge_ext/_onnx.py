@@ -1,6 +1,6 @@
 """bridge and straight_through in the TorchScript-based ONNX exporter, ``torch.onnx.export(..., dynamo=False)``.
 
-That exporter (torch's default before 2.5) translates each node of a traced graph
+That exporter (torch's default before 2.9) translates each node of a traced graph
 with a "symbolic" function registered under the op's name, and fails on a custom
 op without one ("unrecognized namespace gradbridge::bridge"). The dynamo exporter
 needs nothing from here: it decomposes bridge to an alias, which vanishes.

@@ -254,7 +254,7 @@ def _as_float(grad_scale: Any, function: str) -> float:
 
 
 class BridgeFunction(torch.autograd.Function):
-    """``bridge`` as a ``torch.autograd.Function``: the compiled alias forward, a zero backward.
+    """``bridge`` as a ``torch.autograd.Function``: bridge's forward (the cut), no gradient back.
 
     ``BridgeFunction.apply(t)`` gives exactly what ``bridge(t)`` gives. Its output
     is marked non-differentiable, so autograd records no edge to ``t`` and
@@ -338,7 +338,7 @@ class Bridge(nn.Module):
 
     ``Bridge()`` cuts, ``Bridge(grad_scale=-1.0)`` reverses the gradient (a
     gradient reversal layer), ``Bridge(attach=True)`` keeps its output in the
-    graph with a zero gradient. The arguments are checked as :func:`bridge`
+    graph with no gradient (``None``). The arguments are checked as :func:`bridge`
     checks them.
 
     Example::
@@ -545,8 +545,8 @@ def _straight_through_vmap(
     info: Any, in_dims: tuple[int | None, ...], x: Tensor, q: Tensor, grad_scale: float | Tensor = 1.0
 ) -> tuple[Tensor, int | None]:
     if x is None or q is None:  # torch.ops passes None on: the operator refuses it, as outside vmap
-        overload = torch.ops.gradbridge.straight_through.Tensor if isinstance(grad_scale, Tensor) else torch.ops.gradbridge.straight_through.default
-        return overload(x, q, grad_scale), None
+        op = torch.ops.gradbridge.straight_through
+        return (op.Tensor if isinstance(grad_scale, Tensor) else op.default)(x, q, grad_scale), None
     if isinstance(grad_scale, Tensor) and in_dims[2] is not None:
         raise ValueError("straight_through under vmap: a grad_scale tensor must be the same for the whole batch")
     return straight_through(_batch_first(x, in_dims[0], info), _batch_first(q, in_dims[1], info), grad_scale), 0
@@ -558,14 +558,14 @@ for _overload in ("gradbridge::straight_through", "gradbridge::straight_through.
 
 def _alias(t: Tensor, grad_scale: float | Tensor = 0.0, attach: bool | None = None) -> Tensor:
     cut = not isinstance(grad_scale, Tensor) and grad_scale == 0 and attach is not True
-    return _decomposition("bridge", torch.ops.aten.detach.default(t) if cut else None, t, t)
+    return _decomposition("bridge", cut, t, t)
 
 
 def _alias_of_q(x: Tensor, q: Tensor, grad_scale: Any = 1.0) -> Tensor:
-    return _decomposition("straight_through", None, q, x, q)
+    return _decomposition("straight_through", False, q, x, q)
 
 
-def _decomposition(op: str, cut: Tensor | None, alias_of: Tensor, *tensors: Tensor) -> Tensor:
+def _decomposition(op: str, cut: bool, alias_of: Tensor, *tensors: Tensor) -> Tensor:
     """What the operator decomposes to, for the callers that must decompose it; NotImplemented for the others.
 
     A cut is ``t.detach()``, exactly; the other settings are an alias below autograd.
@@ -574,11 +574,11 @@ def _decomposition(op: str, cut: Tensor | None, alias_of: Tensor, *tensors: Tens
         if not _functionalizing(*tensors):
             return NotImplemented
     elif _python_dispatcher_traces():
-        if cut is None:
+        if not cut:
             _refuse_to_drop_the_backward(op, *tensors)
     elif not _functionalizing(*tensors):
         return NotImplemented
-    return cut if cut is not None else torch.ops.aten.alias.default(alias_of)
+    return torch.ops.aten.detach.default(alias_of) if cut else torch.ops.aten.alias.default(alias_of)
 
 
 def _functionalizing(*tensors: Tensor) -> bool:
