@@ -137,14 +137,17 @@ def recorded(t: Tensor) -> bool:
 _EXPORT_SAYS_IT_COMPILES = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 6)
 
 
+def python_dispatcher_traces() -> bool:
+    """Whether a trace runs this call under the Python dispatcher (export; symbolic and pre-dispatch make_fx)."""
+    return torch._C._dispatch_tls_local_include_set().has(torch._C.DispatchKey.PythonDispatcher)
+
+
 def _old_export_traces() -> bool:
-    return not _EXPORT_SAYS_IT_COMPILES and torch._C._dispatch_tls_local_include_set().has(
-        torch._C.DispatchKey.PythonDispatcher
-    )
+    return not _EXPORT_SAYS_IT_COMPILES and python_dispatcher_traces()
 
 
 def _traced_below_autograd() -> bool:
-    """Whether make_fx records this call: it records the Functions below' forwards only, dropping their backwards."""
+    """Whether make_fx records this call: of the Functions below it records only their forwards, not their backwards."""
     proxy_tensor = sys.modules.get("torch.fx.experimental.proxy_tensor")  # not imported: nothing traces
     get_proxy_mode = getattr(proxy_tensor, "get_proxy_mode", None)
     return get_proxy_mode is not None and get_proxy_mode() is not None

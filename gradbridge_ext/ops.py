@@ -573,7 +573,7 @@ def _decomposition(op: str, cut: bool, alias_of: Tensor, *tensors: Tensor) -> Te
     if _EXPORT_KEEPS_THE_OPERATOR:
         if not _functionalizing(*tensors):
             return NotImplemented
-    elif _python_dispatcher_traces():
+    elif _fallback.python_dispatcher_traces():
         if not cut:
             _refuse_to_drop_the_backward(op, *tensors)
     elif not _functionalizing(*tensors):
@@ -588,10 +588,6 @@ def _functionalizing(*tensors: Tensor) -> bool:
         return True
     functional = sys.modules.get("torch._subclasses.functional_tensor")  # none exists before it is imported
     return any(torch._is_functional_tensor(t) or (functional and isinstance(t, functional.FunctionalTensor)) for t in tensors)
-
-
-def _python_dispatcher_traces() -> bool:
-    return torch._C._dispatch_tls_local_include_set().has(torch._C.DispatchKey.PythonDispatcher)
 
 
 # torch 2.5's export, and its make_fx where the Python dispatcher is on
