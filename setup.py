@@ -60,8 +60,8 @@ if not METADATA_ONLY:
                 )
             sys.exit(f"{PACKAGE}: cannot import torch.utils.cpp_extension: {error!r}.{hint}")
 
-        # The loader's facts (flags, the version file), read from it without importing the package.
-        spec = importlib.util.spec_from_file_location("_gradbridge_extension", f"{PACKAGE}/_extension.py")
+        # The build's facts (flags, the version file), read from _build.py without importing the package.
+        spec = importlib.util.spec_from_file_location("_gradbridge_build", f"{PACKAGE}/_build.py")
         loader = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(loader)
 

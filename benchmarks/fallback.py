@@ -9,7 +9,6 @@ warning names. Rows only; report.py formats them.
 from __future__ import annotations
 
 import timeit
-import types
 from collections.abc import Callable
 
 from measure import Config, Step, make_input, reversal_layers, rows_per_size, time_interleaved
@@ -27,23 +26,13 @@ STMTS = {
 }
 
 
-def as_fallback(entry: Callable, **kernels: Callable) -> Callable:
-    """ops.py's Python entry point, the code a process without the native operator calls, over _fallback.py's kernels."""
-    namespace = {**vars(ops), **kernels}
-    function = types.FunctionType(entry.__code__, namespace, entry.__name__, entry.__defaults__, entry.__closure__)
-    function.__kwdefaults__ = entry.__kwdefaults__
-    namespace[entry.__name__] = function  # what handle_torch_function would be handed
-    return function
-
-
 def bench_fallback(sizes: list[int], config: Config, step: Step, device: str, note: Callable[[str], None]) -> list[dict]:
     """Forward per call at the smallest and largest size, t a leaf that requires grad; ratios to detach."""
     layers, names = reversal_layers(note)
     packages = {name: stmt for name, stmt in layers.items() if name in ("pytorch-revgrad", "torch-gradient-reversal")}
-    fallback = {
-        "fallback_bridge": as_fallback(ops._bridge_with_options, _bridge_kernel=_fallback.bridge),
-        "fallback_straight_through": as_fallback(ops._straight_through_with_options, _straight_through_kernel=_fallback.straight_through),
-    }  # fmt: skip
+    # The Python entry points over the fallback's kernels: what a process without the native operator calls.
+    entry = ops.entry_points(ops.Kernels(_fallback.bridge, _fallback.straight_through, _fallback.set_strict))
+    fallback = {"fallback_bridge": entry.bridge, "fallback_straight_through": entry.straight_through}
     ends = sorted({sizes[0], sizes[-1]})
     timers = {}
     for nbytes in ends:

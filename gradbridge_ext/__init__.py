@@ -2,17 +2,19 @@
 
 ``bridge(b)`` cuts (for a model A -> B -> C in which C must learn from B's output
 but C's loss must not train B or A: ``c = C(gradbridge_ext.bridge(b))``);
-``bridge(b, s)`` scales or reverses the gradient, ``bridge(b, attach=True)`` keeps
-the result in the graph with none; ``straight_through(x, q)`` is ``q`` with ``x``'s
-gradient, the exact straight-through estimator.
+``bridge(b, s)`` scales or reverses the gradient, ``bridge(b, mask)`` does it per
+element, ``bridge(b, attach=True)`` keeps the result in the graph with none;
+``straight_through(x, q)`` is ``q`` with ``x``'s gradient, the exact
+straight-through estimator. ``NATIVE`` says whether the compiled operator or the
+pure-Python fallback serves the calls.
 
-Everything is defined in ``gradbridge_ext.ops``; this module re-exports it.
+The public face is ``gradbridge_ext.ops``; docs/design.md maps the modules.
 """
 
 __version__ = "0.1.0"  # the one place it is written: pyproject.toml reads it
 
-from ._extension import TESTED_TORCH
-from .ops import _C, NATIVE, Bridge, BridgeFunction, bridge, straight_through, strict  # noqa: F401  (_C: gradbridge_ext._C, whichever way it was built; None without one)
-from . import _onnx  # noqa: F401, E402  (the rules for torch.onnx.export(dynamo=False))
+from ._extension import _C, NATIVE, TESTED_TORCH  # noqa: F401  (_C: gradbridge_ext._C, whichever way it was built; None without one)
+from .ops import Bridge, BridgeFunction, bridge, straight_through, strict
+from . import _dtensor, _onnx  # noqa: F401, E402  (rules registered when torch.distributed.tensor, torch.onnx are imported)
 
 __all__ = ["__version__", "NATIVE", "Bridge", "BridgeFunction", "TESTED_TORCH", "bridge", "straight_through", "strict"]

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from ._extension import NATIVE
 from ._import_hooks import when_imported
 
 DTENSOR_MODULE = "torch.distributed.tensor"
@@ -88,8 +89,6 @@ def register() -> None:
     Called once ``torch.distributed.tensor`` has been imported; never raises.
     """
     global registered, skipped
-    from .ops import NATIVE
-
     if not NATIVE:  # the fallback is detach and view_as, which DTensor already shards
         return
     with _lock:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gradbridge_ext._extension import _minor
+from gradbridge_ext._extension import torch_at_least  # noqa: F401  (the one place a test asks which torch it runs on)
 
 # The seed's A -> B -> C model is defined once, in examples/independent_layers.py.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
@@ -83,23 +83,15 @@ def implementation(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPat
             pytest.skip("a case that names torch.ops calls the operator, which only the native build registers")
         from gradbridge_ext import _fallback, ops
 
-        python = {"bridge": ops._bridge_with_options, "straight_through": ops._straight_through_with_options}
-        kernels = {"_bridge_kernel": _fallback.bridge, "_straight_through_kernel": _fallback.straight_through,
-                   "_set_strict": _fallback.set_strict, "NATIVE": False}  # fmt: skip
-        for name, value in kernels.items():
-            monkeypatch.setattr(ops, name, value)
-        monkeypatch.setattr(gradbridge_ext, "NATIVE", False)
+        fallback = ops.entry_points(ops.Kernels(_fallback.bridge, _fallback.straight_through, _fallback.set_strict))
+        monkeypatch.setattr(ops, "NATIVE", False)
         for module in (gradbridge_ext, ops, request.module, sys.modules.get("helpers")):
-            for name, function in python.items():
+            for name, function in fallback._asdict().items():
                 if module is not None and hasattr(module, name):
                     monkeypatch.setattr(module, name, function)
+        monkeypatch.setattr(gradbridge_ext, "NATIVE", False)
     return request.param
 
-
-# The one place a test asks which torch it runs on (gradbridge_ext.TESTED_TORCH
-# is the range CI tests).
-def torch_at_least(version: str) -> bool:
-    return _minor(torch.__version__) >= _minor(version)
 
 
 def tiered(names: str, cases: Iterable[tuple], fast: Callable[..., bool]) -> pytest.MarkDecorator:

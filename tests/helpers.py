@@ -13,7 +13,7 @@ from torch import Tensor, nn
 import gradbridge_ext
 from conftest import requires_torch, torch_at_least
 from gradbridge_ext import Bridge, BridgeFunction, bridge, straight_through
-from gradbridge_ext._extension import PACKAGE_DIR
+from gradbridge_ext._build import PACKAGE_DIR
 
 REPO = Path(__file__).resolve().parent.parent
 # What the build leaves beside the sources, which no copy made for a test may hold.

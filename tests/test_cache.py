@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from gradbridge_ext import _extension
+from gradbridge_ext import _build, _extension
 from helpers import package_copy
 
 # A cold import compiles once: 20 s on an idle 2-core machine, up to 3 minutes on a loaded one.
@@ -112,7 +112,7 @@ def test_a_binary_cut_short_is_rebuilt_not_loaded(killed_then_concurrent, site: 
     status, out, err = import_once(site, **{_extension.CACHE_ENV: str(cache)})
     assert status == 0, err  # before: SIGBUS, exit 135
     assert "does not match what its build recorded" in err
-    assert out.strip() == str(binary) and _extension._verified_binary(binary.parent) == binary
+    assert out.strip() == str(binary) and _build._verified_binary(binary.parent) == binary
 
 
 @pytest.mark.parametrize("planter", ["another user", "you, writable by all"])
@@ -126,7 +126,7 @@ def test_a_folder_another_user_could_have_written_is_never_loaded(
         pytest.skip("needs root to give a folder to another user (CI runs as root)")
     cache = tmp_path / "cache"
     monkeypatch.setenv(_extension.CACHE_ENV, str(cache))
-    planted = _extension.cache_dir(_extension.sources())  # the name is predictable: that is the attack
+    planted = _build.cache_dir(_build.sources())  # the name is predictable: that is the attack
     planted.mkdir(parents=True)
     (tmp_path / "planted.c").write_text(
         "#include <stdio.h>\n#include <stdlib.h>\n"
@@ -135,8 +135,8 @@ def test_a_folder_another_user_could_have_written_is_never_loaded(
         '  if (f) { fputs("the planted library ran\\n", f); fclose(f); }\n}\n'
     )
     subprocess.run([compiler, "-shared", "-fPIC", "-o", planted / "_C.so", tmp_path / "planted.c"], check=True, timeout=60)
-    (planted / _extension.RECORD).write_text(_extension._record(planted / "_C.so"))  # a matching record: only trust is left
-    for path in (cache, planted, planted / "_C.so", planted / _extension.RECORD):
+    (planted / _build.RECORD).write_text(_build._record(planted / "_C.so"))  # a matching record: only trust is left
+    for path in (cache, planted, planted / "_C.so", planted / _build.RECORD):
         if planter == "another user":
             os.chown(path, 65534, 65534)  # nobody
         path.chmod(0o777)
@@ -173,13 +173,13 @@ def test_the_cache_lives_where_the_settings_say(tmp_path: Path, monkeypatch: pyt
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.delenv(_extension.CACHE_ENV, raising=False)
     monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
-    assert _extension.cache_root() == tmp_path / "home" / ".cache" / "gradbridge_ext"
+    assert _build.cache_root() == tmp_path / "home" / ".cache" / "gradbridge_ext"
     monkeypatch.setenv("XDG_CACHE_HOME", "relative")  # the XDG spec says to ignore it
-    assert _extension.cache_root() == tmp_path / "home" / ".cache" / "gradbridge_ext"
+    assert _build.cache_root() == tmp_path / "home" / ".cache" / "gradbridge_ext"
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert _extension.cache_root() == tmp_path / "xdg" / "gradbridge_ext"
+    assert _build.cache_root() == tmp_path / "xdg" / "gradbridge_ext"
     monkeypatch.setenv(_extension.CACHE_ENV, str(tmp_path / "mine"))
-    assert _extension.cache_root() == tmp_path / "mine"
+    assert _build.cache_root() == tmp_path / "mine"
 
 
 def test_a_wait_for_another_build_is_bounded_and_names_the_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -188,9 +188,9 @@ def test_a_wait_for_another_build_is_bounded_and_names_the_folder(tmp_path: Path
     build_dir = tmp_path / "torch-build"
     with open(tmp_path / "torch-build.lock", "w") as held:
         fcntl.flock(held, fcntl.LOCK_EX)  # another open file: flock makes even this process wait
-        monkeypatch.setattr(_extension, "BUILD_WAIT_S", 1.0)
+        monkeypatch.setattr(_build, "BUILD_WAIT_S", 1.0)
         with pytest.raises(ImportError, match=f"gave up after 1 s .* in {build_dir} .* set {_extension.CACHE_ENV}"):
-            with _extension._build_lock(build_dir):
+            with _build._build_lock(build_dir):
                 pass
-    with _extension._build_lock(build_dir):  # released with its holder's file
+    with _build._build_lock(build_dir):  # released with its holder's file
         pass

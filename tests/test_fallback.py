@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import gradbridge_ext
-from gradbridge_ext import _extension
+from gradbridge_ext import _build, _extension
 from conftest import requires_torch, torch_at_least
 from helpers import REPO, package_copy, source_copy
 
@@ -34,11 +34,11 @@ NO_POSIX = ("import filelock, torch.utils.cpp_extension, os, sys; "
 WINDOWS = NO_POSIX + "import torch; sys.platform = 'win32'; "
 PROBE = (
     "import warnings; warnings.simplefilter('always'); "
-    "import torch, gradbridge_ext as gb; from gradbridge_ext import _extension; "
+    "import torch, gradbridge_ext as gb; from gradbridge_ext import _build, _extension; "
     "a = torch.arange(3.0, requires_grad=True); t = a * 2; r = gb.bridge(t, -0.5); "
     "assert r.data_ptr() == t.data_ptr() and torch.equal(r, t); r.sum().backward(); "
     "assert a.grad.tolist() == [-1.0, -1.0, -1.0], a.grad; "
-    "print(gb.NATIVE, _extension.BINARY, _extension.cache_root())"
+    "print(gb.NATIVE, _extension.BINARY, _build.cache_root())"
 )
 FALLBACK = "using the pure-Python fallback, not the native operator"
 
@@ -143,13 +143,13 @@ def test_an_install_without_a_compiler_ships_the_sources_and_imports(tmp_path: P
     ],
 )
 def test_the_cache_root_follows_the_platform(platform: str, env: dict[str, str], root: str) -> None:
-    assert _extension._cache_root_and_setting(env, platform)[0] == Path(root).expanduser()
+    assert _build._cache_root_and_setting(env, platform)[0] == Path(root).expanduser()
 
 
 def test_the_binary_name_and_flags_follow_the_platform() -> None:
-    assert [_extension.binary_name(p) for p in ("linux", "darwin", "win32")] == ["_C.so", "_C.so", "_C.pyd"]
-    assert _extension.compile_flags("win32") == ["/O2", "/DNDEBUG"]
-    assert _extension.compile_flags("linux") == _extension.compile_flags("darwin") == ["-O3", "-DNDEBUG", "-g0"]
+    assert [_build.binary_name(p) for p in ("linux", "darwin", "win32")] == ["_C.so", "_C.so", "_C.pyd"]
+    assert _build.compile_flags("win32") == ["/O2", "/DNDEBUG"]
+    assert _build.compile_flags("linux") == _build.compile_flags("darwin") == ["-O3", "-DNDEBUG", "-g0"]
 
 
 def test_without_a_uid_only_links_are_untrusted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -158,8 +158,8 @@ def test_without_a_uid_only_links_are_untrusted(tmp_path: Path, monkeypatch: pyt
     mine.chmod(0o777)  # what Windows' stat reports says nothing of its ACLs
     (tmp_path / "link").symlink_to(mine)
     monkeypatch.delattr(os, "getuid")
-    assert _extension._untrusted(mine) is None
-    assert _extension._untrusted(tmp_path / "link") == "is a symbolic link"
+    assert _build._untrusted(mine) is None
+    assert _build._untrusted(tmp_path / "link") == "is a symbolic link"
 
 
 # --- what the fallback refuses, in this process (conftest.implementation swaps it in)

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import gradbridge_ext
-from gradbridge_ext import _extension
+from gradbridge_ext import _build, _extension
 from helpers import REPO, package_copy, source_copy
 
 PROBE = (
@@ -48,7 +48,7 @@ def test_this_checkout_loads_the_binary_built_for_this_torch() -> None:
     if not _extension.TORCH_VERSION_FILE.exists():
         pytest.skip("gradbridge_ext was not compiled at install time here")
     assert _extension.TORCH_VERSION_FILE.read_text() == torch.__version__
-    assert Path(gradbridge_ext._C.__file__).parent == _extension.PACKAGE_DIR
+    assert Path(gradbridge_ext._C.__file__).parent == _build.PACKAGE_DIR
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +110,7 @@ def test_the_loader_never_imports_a_binary_built_for_another_torch(
         record.write_text(recorded)
     monkeypatch.setattr(_extension, "TORCH_VERSION_FILE", record)
     monkeypatch.setattr(_extension.importlib, "import_module", lambda name: pytest.fail(f"imported {name}"))
-    monkeypatch.setattr(_extension, "_load_cached_or_compile", lambda why: why)
+    monkeypatch.setattr(_extension, "load_cached_or_compile", lambda why: why)
     expected = "was not compiled at install time" if recorded is None else (
         f"was compiled against torch {recorded}, but torch {torch.__version__} is imported")
     assert _extension._load_native() == expected
@@ -149,28 +149,28 @@ def test_the_same_sources_elsewhere_load_the_cached_build(plain_install, tmp_pat
 
 def test_a_compile_says_why(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(_extension.CACHE_ENV, str(tmp_path))
-    build_dir = _extension.cache_dir(_extension.sources())
-    assert _extension._why_compile_now() == "first use"
+    build_dir = _build.cache_dir(_build.sources())
+    assert _build._why_compile_now() == "first use"
     other_torch = tmp_path / "torch-0.0.1-py30-0123456789abcdef"
     other_torch.mkdir()
     (other_torch / "_C.so").touch()
-    assert _extension._why_compile_now().startswith("the cached builds are for another torch")
+    assert _build._why_compile_now().startswith("the cached builds are for another torch")
     other_sources = tmp_path / (build_dir.name[:-16] + "0123456789abcdef")
     other_sources.mkdir()
     (other_sources / "_C.so").touch()
-    assert _extension._why_compile_now() == "the sources changed since the cached build"
+    assert _build._why_compile_now() == "the sources changed since the cached build"
 
 
 def test_the_cache_key_is_the_content_not_the_place(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(_extension.CACHE_ENV, str(tmp_path / "cache"))
-    files = _extension.sources()
+    files = _build.sources()
     copies = []
     for place in ("one", "two"):
         shutil.copytree(files[0].parent, tmp_path / place)
         copies.append([tmp_path / place / path.name for path in files])
-    assert _extension.cache_dir(copies[0]) == _extension.cache_dir(copies[1]) == _extension.cache_dir(files)
+    assert _build.cache_dir(copies[0]) == _build.cache_dir(copies[1]) == _build.cache_dir(files)
     copies[1][0].write_text(copies[1][0].read_text() + "\n// a change\n")
-    assert _extension.cache_dir(copies[1]) != _extension.cache_dir(copies[0])
+    assert _build.cache_dir(copies[1]) != _build.cache_dir(copies[0])
 
 
 @build_isolated
