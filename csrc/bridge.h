@@ -1,22 +1,22 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
-#include <c10/util/Optional.h>
+#include "compat.h"
 
 namespace gradbridge {
 
 // The gradbridge::bridge operator: a zero-copy alias of t whose backward is
-// zero (the default: a cut), grad_scale * grad (grad_scale != 0), or zero with
+// none (the default: a cut), grad_scale * grad (grad_scale != 0), or none with
 // the result kept in the autograd graph (attach=true; attach unset means
 // grad_scale != 0, and attach=false with a nonzero grad_scale is an error).
 // Autograd, profilers, Python modes and tensor subclasses see it like any
 // other operator; a cut nothing would observe goes straight to the kernel
 // (see the NB in bridge.cpp).
-at::Tensor bridge(const at::Tensor& t, double grad_scale = 0, c10::optional<bool> attach = c10::nullopt);
+at::Tensor bridge(const at::Tensor& t, double grad_scale = 0, optional<bool> attach = nullopt);
 // The same with a grad_scale tensor, saved for the backward: floating (or
 // bool), 0-dim or a mask that broadcasts to t's shape; always attached, and
 // its gradient is grad_scale * grad (see ScaledGradBackward).
-at::Tensor bridge(const at::Tensor& t, const at::Tensor& grad_scale, c10::optional<bool> attach = c10::nullopt);
+at::Tensor bridge(const at::Tensor& t, const at::Tensor& grad_scale, optional<bool> attach = nullopt);
 
 // The exact straight-through estimator: an alias of q (its values, bitwise)
 // whose backward sends grad_scale * grad to x and nothing to q, as

@@ -6,28 +6,19 @@
 #include <torch/csrc/utils/object_ptr.h>
 #include <torch/csrc/utils/pybind.h>  // not torch/extension.h: the C++ frontend (nn, optim) it brings doubles the compile time
 
-#include <type_traits>
-
 #include "bridge.h"
 
 namespace {
 
 // torch.overrides.redispatch_function, where torch has it, asks the next
 // __torch_function__ check to answer no, and raises unless the function it
-// calls consumes that request; such a call takes the Python entry, whose check
-// does. The flag is read through the exported TLS, and only where it exists.
-template <class TLS, class = void>
-struct CanSkipNext : std::false_type {};
-template <class TLS>
-struct CanSkipNext<TLS, std::void_t<decltype(TLS::peek_skip_next())>> : std::true_type {};
-
-template <class TLS = at::impl::PythonTorchFunctionTLS>
+// calls consumes that request; such a call takes the Python entry, whose check does.
 bool skip_next_torch_function() {
-  if constexpr (CanSkipNext<TLS>::value) {
-    return TLS::peek_skip_next();
-  } else {
-    return false;
-  }
+#if GRADBRIDGE_HAS_SKIP_NEXT
+  return at::impl::PythonTorchFunctionTLS::peek_skip_next();
+#else
+  return false;
+#endif
 }
 
 // True when torch's __torch_function__ check would answer no for these
@@ -95,7 +86,7 @@ PyObject* bridge_parsed(PyObject* /*module*/, PyObject* const* args, Py_ssize_t 
           (args[2] == Py_None || PyBool_Check(args[2])),
       "_bridge_parsed(t, grad_scale, attach) takes what bridge() has parsed; call bridge()");
   const auto& t = THPVariable_Unpack(args[0]);
-  const auto attach = args[2] == Py_None ? c10::nullopt : c10::optional<bool>(args[2] == Py_True);
+  const auto attach = args[2] == Py_None ? gradbridge::nullopt : gradbridge::optional<bool>(args[2] == Py_True);
   if (THPVariable_Check(args[1])) {
     return THPVariable_Wrap(gradbridge::bridge(t, THPVariable_Unpack(args[1]), attach));
   }

@@ -297,7 +297,7 @@ def _build(build_dir: Path, files: list[Path], why: str, reason: str) -> None:
     """Compile into a private folder, then publish it under ``build_dir`` with one rename."""
     print(
         f"gradbridge_ext: the native operator {why}; compiling it for torch {torch.__version__} "
-        f"({reason}; once, about a minute; cached in {build_dir})...",
+        f"({reason}; once per torch, as long as the install's build: docs/install.md; cached in {build_dir})...",
         file=sys.stderr,
         flush=True,
     )

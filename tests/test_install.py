@@ -1,6 +1,6 @@
 """The install paths: never load a binary built for another torch, compile when needed, fail clearly.
 
-These run real pip installs and a real compile (about a minute on two cores).
+These run real pip installs and a real compile.
 """
 
 from __future__ import annotations

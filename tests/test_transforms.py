@@ -184,6 +184,22 @@ def test_the_cut_compiles_to_detach() -> None:
 
 
 @requires_torch("2.5", "torch.library.register_vmap, bridge's rule for vmap")
+@pytest.mark.parametrize("options", [{}, {"grad_scale": -1.0}, {"attach": True}, {"grad_scale": "mask"}], ids=str)
+def test_a_bridge_module_is_built_inside_compiled_code(options: dict) -> None:
+    # Its constructor checks the options with the rules, not by calling the operator on a
+    # tensor that requires grad, which dynamo refuses to create under fullgraph (a graph
+    # break without it, whose warning named gradbridge "a third-party C/C++ Python extension").
+    if options.get("grad_scale") == "mask":
+        options = {"grad_scale": torch.tensor([1.0, 0.0, -1.0])}
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        return (Bridge(**options)(x * 2) * torch.arange(3.0)).sum() + x.sum()  # + x: a loss in every setting
+
+    x = torch.ones(3, requires_grad=True)
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")  # a graph break raises
+    assert torch.equal(torch.autograd.grad(compiled(x), x)[0], torch.autograd.grad(f(x), x)[0])
+
+
 def test_vmap_with_a_grad_scale_tensor() -> None:
     x, scale = torch.randn(4, 3), torch.tensor(-2.0)
     assert torch.equal(tf.vmap(lambda t: bridge(t, scale))(x), x)
