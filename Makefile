@@ -12,7 +12,7 @@ INSTALL_TORCH = $(PYTHON) -c "import torch" 2>/dev/null || { \
 WORKERS ?= 2
 PYTEST = $(PYTHON) -m pytest -p no:cacheprovider -n $(WORKERS)
 
-.PHONY: setup test test-all example bench bench-results
+.PHONY: setup test test-all example example-results bench bench-results
 
 setup: $(STAMP)
 
@@ -44,7 +44,7 @@ test-all: setup
 # check drops the current folder from sys.path, so that the checkout's own
 # gradbridge_ext/ cannot stand in for an install. numpy: the example seeds it,
 # and torch warns on every import without it. One Python start checks it all
-# (each imports torch: three took a second run to 10.4 s, one to 6.8-8.0 s).
+# (each start imports torch, so one start rather than three).
 example:
 	@$(PYTHON) -c "import sys; sys.path[:] = [p for p in sys.path if p]; import numpy, gradbridge_ext" 2>/dev/null || { \
 	  { $(INSTALL_TORCH); } && \
@@ -54,6 +54,12 @@ example:
 	  { $(PYTHON) -c "import numpy" 2>/dev/null || $(PYTHON) -m pip install numpy; }; }
 	$(PYTHON) examples/independent_layers.py
 
+# Every example, its output committed to examples/results/<name>.txt with the machine,
+# torch and commit (the README's figures are these files'); commit them together.
+example-results: example
+	$(PYTHON) -m pip install -q -r examples/requirements.txt
+	$(PYTHON) examples/record.py
+
 # The benchmark: CPU, and CUDA where torch sees a GPU, into benchmarks/results/local/
 # (ignored by git). BENCH_ARGS=--quick for a short run; see
 # `python benchmarks/bench_bridge.py --help`.
@@ -61,8 +67,9 @@ bench: setup
 	$(PYTHON) -m pip install matplotlib
 	$(PYTHON) benchmarks/bench_bridge.py $(BENCH_ARGS)
 
-# A full run into the committed benchmarks/results/<device>/, then the README's tables
-# from them: the one target that rewrites tracked files; commit them together.
+# A full run into the committed benchmarks/results/<device>/, then the generated
+# regions of the README and docs/ from them (benchmarks/update_readme.py): it rewrites
+# tracked files, as example-results does; commit them together.
 bench-results: setup
 	$(PYTHON) -m pip install matplotlib
 	$(PYTHON) benchmarks/bench_bridge.py --commit-results $(BENCH_ARGS)

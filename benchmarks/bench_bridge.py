@@ -35,12 +35,13 @@ from fallback import bench_fallback
 from plugged import bench_test_device
 from progress import Progress, duration
 from report import check_bars, report
+from routing import SHAPES as ROUTING_SHAPES, bench_routing
 from ste import COMPILED_DTYPES as STE_COMPILED_DTYPES, DTYPES as STE_DTYPES, bench_straight_through
 from training import CUTS, MODES, bench_training, step_seconds
 
 RESULTS = Path(__file__).resolve().parent / "results"  # committed: what the README shows
 LOCAL = RESULTS / "local"  # ignored by git: where a run writes unless told otherwise
-SECTIONS = ("latency", "memory", "training", "attached", "straight_through", "test_device", "fallback")
+SECTIONS = ("latency", "memory", "training", "attached", "straight_through", "routing", "test_device", "fallback")
 SIZES = {
     "cpu": "4B,64B,1KB,16KB,256KB,4MB,64MB,256MB",
     "cuda": "4B,64B,1KB,16KB,256KB,4MB,64MB,256MB,1GB",
@@ -102,6 +103,9 @@ INPUT_FILLS = 8  # making an input (randn, then * 2) takes this many zero fills 
 BACKWARD_FILLS = 1.4  # forward + backward of an attached form, in fills of its size
 PROFILED_CALL_S = 0.04  # one call under the profiler, on top of the call
 ATTACHED_LAYERS = 5
+# One repeat of a routing shape's timers (the idiom's forward, its forward + backward, bridge's forward
+# + backward) in fills of x's size: 14 at the transformer shape on a 2-core CPU (0.9 s a repeat).
+ROUTING_FILLS = 14
 
 
 def fill_seconds_per_byte(device: str) -> float:
@@ -141,6 +145,10 @@ def estimate(device: str, sizes: list[int], config: Config, sections: list[str])
                             + 2 * INPUT_FILLS * sum(sizes) * per_byte
                             + (len(STE_DTYPES) + len(STE_COMPILED_DTYPES)) * 2 * (config.train_steps + 2) * 3 * step_s
                             + 60,
+        # Per repeat and shape, four blocks and ROUTING_FILLS fills of x; calibration, set-up and profiling,
+        # three repeats more.
+        "routing": (config.repeats + 3) * sum(4 * block + ROUTING_FILLS * torch.Size(shape).numel() * dtype.itemsize
+                                              * per_byte for shape, _, dtype in ROUTING_SHAPES.values()),
         # Building the test device, half a minute; three methods at two sizes.
         "test_device": 30 + config.repeats * 2 * 3 * block + 2 * config.block_s * 6,
         # Nine methods at two sizes, each calibrated once.
@@ -166,6 +174,7 @@ def run_device(device: str, args: argparse.Namespace, sections: list[str], progr
         "training": lambda: bench_training(device, config, progress.step),
         "attached": lambda: bench_attached(device, sizes, config, progress.step, progress.note),
         "straight_through": lambda: bench_straight_through(device, sizes, config, progress.step, progress.note),
+        "routing": lambda: bench_routing(device, config, progress.step),
         "test_device": lambda: bench_test_device(sizes, config, progress.step),
         "fallback": lambda: bench_fallback(sizes, config, progress.step, device, progress.note),
     }

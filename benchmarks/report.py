@@ -75,6 +75,7 @@ def check_bars(device: str, results: dict) -> list[dict]:
             "holds": False if False in verdicts else None if None in verdicts else True,
         })  # fmt: skip
     bars += straight_through_bars(device, results)
+    bars += routing_bars(device, results)
     return bars
 
 
@@ -143,6 +144,47 @@ def step_bar(bar: str, rows: list[dict], quick: bool, verdict) -> dict:  # type:
     }  # fmt: skip
 
 
+def routing_bars(device: str, results: dict) -> list[dict]:
+    """bridge(x, mask)'s bars against the routing idiom: no work in forward, and no slower, at every shape and phase."""
+    routing = results.get("routing")
+    if not routing:
+        return []
+    ours = [r for r in routing["forward"] if r["method"] == "bridge(x, mask)"]
+    ns = {(r["shape"], r["phase"], r["method"]): r["samples_ns"] for r in routing["per_call"]}
+    cases = list(dict.fromkeys((r["shape"], r["phase"]) for r in routing["per_call"]))
+    intervals = {c: ratio_interval(ns[(*c, "bridge(x, mask)")], ns[(*c, "idiom")]) for c in cases}
+    return [
+        no_work_bar("bridge(x, mask) forward allocates 0 bytes and launches 0 kernels", ours, device),
+        {"bar": "bridge(x, mask) no slower than the routing idiom beyond noise, forward and forward + backward, "
+                "at every shape",
+         "measured": ", ".join(f"{shape} {phase} {paired_ratio(ns[(shape, phase, 'bridge(x, mask)')], ns[(shape, phase, 'idiom')]):.3g} "
+                               f"[{lo:.3g}, {hi:.3g}]" for (shape, phase), (lo, hi) in intervals.items()) + " (95% interval)",
+         # Slower only where the whole interval lies above 1.
+         "holds": None if results.get("quick", False) else all(lo <= 1 for lo, _ in intervals.values())},
+    ]  # fmt: skip
+
+
+def routing_tables(results: dict) -> list[str]:
+    routing, cuda = results["routing"], results["environment"]["device"] == "cuda"
+    by = {(r["shape"], r["phase"], r["method"]): r for r in routing["per_call"]}
+    names = list(dict.fromkeys(r["method"] for r in routing["per_call"]))
+    peaks = {(r["shape"], r["method"]): r["peak_bytes"] for r in routing["forward_backward_peak"]}
+    return [
+        "\n### Gradient routing per call, `mask * x + (1 - mask) * x.detach()` (the idiom) against `bridge(x, mask)`, "
+        "x a leaf that requires grad (median, and ratio to the idiom)\n",
+        PER_REPEAT.format("the idiom") + "\n",
+        table(["shape", "phase", *names], [[routing["shapes"][s], p] + [
+            f"{format_ns(by[(s, p, m)]['median_ns'])} ({format_ratio(by[(s, p, m)]['ratio_to_idiom'])})" for m in names]
+            for s, p in dict.fromkeys((s, p) for s, p, _ in by)]),
+        "\n### Gradient routing memory: one forward (" + routing["forward"][0]["memory_source"]
+        + "), and the peak of one forward + backward\n",
+        table(["shape", "method", "forward: bytes allocated", "forward: peak bytes", "ops (profiler)"]
+              + (["CUDA kernels"] if cuda else []) + ["forward + backward: peak bytes"],
+              [[routing["shapes"][r["shape"]], r["method"], str(r["allocated_bytes"]), str(r["peak_bytes"]), str(r["ops"])]
+               + ([str(r["kernels"])] if cuda else []) + [str(peaks[(r["shape"], r["method"])])] for r in routing["forward"]]),
+    ]  # fmt: skip
+
+
 def straight_through_tables(results: dict) -> list[str]:
     ste, cuda = results["straight_through"], results["environment"]["device"] == "cuda"
     sizes = sorted({r["size_bytes"] for r in ste["per_call"]})
@@ -208,7 +250,9 @@ def bars_table(results: dict) -> str:
 
 
 def format_ratio(ratio: float) -> str:
-    return f"{ratio:.2f}" if ratio < 100 else f"{ratio:,.0f}"
+    if ratio >= 100:
+        return f"{ratio:,.0f}"
+    return f"{ratio:.2f}" if ratio >= 0.01 else f"{ratio:.1e}"  # a ratio far below 1 keeps its digits
 
 
 def format_ns(ns: float) -> str:
@@ -254,10 +298,11 @@ def attached_table(results: dict) -> str:
     keys = sorted({(r["phase"], r["size_bytes"]) for r in rows}, key=lambda k: (k[0] != "forward", k[1]))
     by = {(r["phase"], r["size_bytes"], r["method"]): r for r in rows}
     methods = list(dict.fromkeys(r["method"] for r in rows))
+    reference = "bridge(t, -1.0)"
     return table(
-        ["method"] + [f"{phase}, {format_size(size)}" for phase, size in keys],
-        [[name] + [f"{format_ns(by[(*k, name)]['median_ns'])} ({by[(*k, name)]['ratio_to_bridge']:.2f})"
-                   for k in keys] for name in methods],
+        ["method"] + [f"{phase}, {format_size(size)} ({reference}: {format_ns(by[(phase, size, reference)]['median_ns'])})"
+                      for phase, size in keys],
+        [[name] + [format_ratio(by[(*k, name)]["ratio_to_bridge"]) for k in keys] for name in methods],
     )  # fmt: skip
 
 
@@ -300,6 +345,8 @@ def report(results: dict) -> str:
         ]
     if results.get("straight_through"):
         parts += straight_through_tables(results)
+    if results.get("routing"):
+        parts += routing_tables(results)
     if results.get("test_device"):
         parts += [
             "\n### Per call on the test device (tests/testdev: an out-of-tree PrivateUse1 backend over host "
@@ -331,21 +378,20 @@ def ratio_to_detach_table(rows: list[dict], methods_down: bool) -> str:
 
 
 def headline(results: dict) -> str:
-    """The README's one-sentence reading of a device's results, from the results themselves."""
-    latency = {(r["size_bytes"], r["method"]): r["median_ns"] for r in results["latency"] if r["requires_grad"]}
-    small, large = min(size for size, _ in latency), max(size for size, _ in latency)
+    """The one-sentence reading of a device's results, in one statistic: ratios measured interleaved."""
+    ratio = {(r["size_bytes"], r["method"]): r["ratio_to_detach"] for r in results["latency"] if r["requires_grad"]}
+    small, large = min(size for size, _ in ratio), max(size for size, _ in ratio)
     allocated = max(r["allocated_bytes"] for r in results["memory"] if r["method"] == "bridge")
-    reversal = [r["median_ns"] for r in results.get("attached", [])
-                if r["method"] == "bridge(t, -1.0)" and r["phase"] == "forward" and r["size_bytes"] == small]  # fmt: skip
+    data = next((b for b in results.get("bars", []) if b["bar"].startswith("bridge per call <= .data")), None)
 
     def at(name: str) -> str:
-        return f"{format_ns(latency[(small, name)])} at {format_size(small)} and {format_ns(latency[(large, name)])} at {format_size(large)}"
+        return f"{format_ratio(ratio[(small, name)])} at {format_size(small)}, {format_ratio(ratio[(large, name)])} at {format_size(large)}"
 
     return (
-        f"Headline, {results['environment']['device']}: `bridge(t)` takes {at('bridge')} "
-        f"(`t.data` {at('.data')}, `detach()` {at('detach')}, the `set_` trick {at('set_ trick')}), "
-        f"and allocates {allocated} bytes"
-        + (f"; the reversal `bridge(t, -1.0)` takes {format_ns(reversal[0])} at {format_size(small)}" if reversal else "")
+        f"Headline, {results['environment']['device']}, as ratios to `detach()`'s time per call (the median of "
+        f"interleaved repeats): `bridge(t)` {at('bridge')}; `t.data` {at('.data')}; the `set_` trick {at('set_ trick')}; "
+        f"`bridge(t)` allocates {allocated} bytes"
+        + (f"; paired with `t.data` directly, {data['measured'].split(';')[0]}" if data else "")
         + "."
     )
 
@@ -355,8 +401,8 @@ def straight_through_headline(results: dict) -> str:
     ste = results.get("straight_through")
     if not ste:
         return ""
-    ns = {(r["size_bytes"], r["method"]): r["median_ns"] for r in ste["per_call"]}
-    sizes = sorted({size for size, _ in ns})
+    ratio = {(r["size_bytes"], r["method"]): r["ratio_to_bridge"] for r in ste["per_call"]}
+    sizes = sorted({size for size, _ in ratio})
     small, large = sizes[0], sizes[-1]
     allocated = max(r["allocated_bytes"] for r in ste["forward"] if r["method"] == "straight_through")
     steps = ", ".join(f"{r['ratio_to_trick']:.2f} in {r['dtype']}" for r in ste["step"] if r["method"] == "straight_through")
@@ -366,11 +412,12 @@ def straight_through_headline(results: dict) -> str:
     ours_off = max(r["share_differ"] for r in ste["exactness"] if r["method"] == "straight_through")
 
     def at(name: str) -> str:
-        return f"{format_ns(ns[(small, name)])} at {format_size(small)} and {format_ns(ns[(large, name)])} at {format_size(large)}"
+        return f"{format_ratio(ratio[(small, name)])} at {format_size(small)}, {format_ratio(ratio[(large, name)])} at {format_size(large)}"
 
     return (
-        f"Straight-through, {results['environment']['device']}: `straight_through(x, q)` takes {at('straight_through')} "
-        f"(the trick `x + (q - x).detach()` {at('trick')}) and allocates {allocated} bytes; a BitNet-style "
+        f"Straight-through, {results['environment']['device']}, as ratios to `bridge(t, -1.0)`'s time per call (the "
+        f"median of interleaved repeats): `straight_through(x, q)` {at('straight_through')}; the trick "
+        f"`x + (q - x).detach()` {at('trick')}; `straight_through` allocates {allocated} bytes. A BitNet-style "
         f"training step takes {steps} of the trick's time"
         + (f" ({compiled} of the compiled trick's, compiled with inductor)" if compiled else "")
         + f"; {ours_off:.0%} of its elements differ from `q`, "
@@ -390,8 +437,7 @@ def summary(results: dict) -> str:
     cuda = env["device"] == "cuda"
 
     def per_call(size: int, name: str) -> str:
-        r = time[(size, name)]
-        return f"{format_ns(r['median_ns'])} ({format_ratio(r['ratio_to_detach'])})"
+        return format_ratio(time[(size, name)]["ratio_to_detach"])
 
     rows = []
     for name in [m for m in CUTS if (0, m) in training]:  # older results lack newer rows
@@ -404,28 +450,27 @@ def summary(results: dict) -> str:
         row += [" / ".join(f"{training[(m, name)][key]:.3f}" for m in MODES)
                 for key in ("ratio_to_detach", "peak_ratio_to_detach")]  # fmt: skip
         rows.append(row)
-    header = ["method", f"per call, {format_size(small)}", f"per call, {format_size(large)}",
+    header = ["method", *(f"per call, {format_size(size)} (detach: {format_ns(time[(size, 'detach')]['median_ns'])})"
+                          for size in (small, large)),
               f"bytes allocated, {format_size(large)}"] + (["CUDA kernels"] if cuda else []) + [
               "training step time, modes 0 / 1 / 2", "training peak memory, modes 0 / 1 / 2"]  # fmt: skip
     return "\n".join([
         # The machine is named above the table (update_readme.py); here, what ran on it and when.
         f"torch {env['torch']}, Python {env['python']}; measured {env['date'][:10]} at this repository's "
-        f"commit {env['gradbridge_ext_commit']}. Per call: median from Python, "
-        "input requires grad, (ratio to detach). Training: width "
-        f"{cfg['width']}, batch {cfg['batch']}, B = {cfg['depth']} layers, ratio to detach.",
-        "",
-        "Ratios to detach: per call, the median over repeats of each repeat's ratio (not the ratio "
-        "of the two medians shown); training step time, the same over steps; peak memory, the "
-        "ratio of the two peaks.",
+        f"commit {env['gradbridge_ext_commit']}. Every figure is a ratio to detach, measured "
+        "interleaved: per call from Python (input requires grad), the median over repeats of each "
+        "repeat's ratio (detach's own median time is in the header); training step time, the same "
+        f"over steps (width {cfg['width']}, batch {cfg['batch']}, B = {cfg['depth']} layers); peak "
+        "memory, the ratio of the two peaks.",
         "",
         table(header, rows),
         "",
         bars_table(results),
     ] + ([
         "",
-        "Attached forms: time per call from Python (median, and ratio to `bridge(t, -1.0)`), on a "
-        "leaf that requires grad; forward + backward runs `torch.autograd.backward` on the result. "
-        + PER_REPEAT.format("`bridge(t, -1.0)`"),
+        "Attached forms: per call from Python, on a leaf that requires grad, the median over repeats "
+        "of each repeat's ratio to `bridge(t, -1.0)` (its own median time in the header); forward + "
+        "backward runs `torch.autograd.backward` on the result.",
         "",
         attached_table(results),
     ] if results.get("attached") else []))  # fmt: skip

@@ -15,7 +15,7 @@ from measure import (
     quartiles, synchronize,
 )  # fmt: skip
 
-# The attached zero keeps B's graph alive until backward; training measures what that costs.
+# attach=True (no gradient, None) keeps B's graph alive until backward; training measures what that costs.
 CUTS = {"no cut": "t", **METHODS, "bridge, attach=True": "bridge(t, attach=True)"}
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))

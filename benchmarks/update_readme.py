@@ -75,8 +75,19 @@ def older_report(run: dict) -> bool:
 # --------------------------------------------------------------------------- the regions
 
 
+def short_summary(page: Path, runs: dict[str, dict]) -> str:
+    """README: per device, the headline lines alone, in one statistic (ratios measured interleaved)."""
+    lines = []
+    for device, run in runs.items():
+        env = run["environment"]
+        lines.append(f"- **{device.upper()}** ({machine(env)}; torch {env['torch']}; measured {env['date'][:10]} at "
+                     f"commit {env['gradbridge_ext_commit']}). {headline(run)}"
+                     + (f" {line}" if (line := straight_through_headline(run)) else ""))  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
 def tables(page: Path, runs: dict[str, dict]) -> str:
-    """README: per device, the headline lines, the summary table, the bars and the plot."""
+    """docs/benchmarks.md: per device, the headline lines, the summary table, the bars and the plot."""
     parts = []
     for device, run in runs.items():
         missing = [name for key, name in (("attached", "the attached forms"), ("straight_through", "straight_through"))
@@ -88,7 +99,7 @@ def tables(page: Path, runs: dict[str, dict]) -> str:
             "",
             *([line, ""] if (line := straight_through_headline(run)) else []),
             *([f"This run was made by an older version of the benchmark, which did not yet measure "
-               f"{' or '.join(missing)} ([why it differs](docs/benchmarks.md#reading-the-results)).", ""]
+               f"{' or '.join(missing)} ([why it differs]({'' if page == BENCHMARKS_DOC else 'docs/benchmarks.md'}#reading-the-results)).", ""]
               if missing else []),
             summary(run),
             "",
@@ -162,10 +173,10 @@ def reading(page: Path, runs: dict[str, dict]) -> str:
 
 
 REGIONS: dict[str, Callable[[Path, dict[str, dict]], str]] = {
-    "tables": tables, "attached-cost": attached_cost, "fallback-cost": fallback_cost, "bars": bars, "reading": reading,
+    "summary": short_summary, "tables": tables, "attached-cost": attached_cost, "fallback-cost": fallback_cost, "bars": bars, "reading": reading,
 }  # fmt: skip
 # The regions each page must have: a page that lost its markers would pass a check of nothing.
-PAGES = {README: {"tables"}, SEMANTICS: {"attached-cost", "fallback-cost"}, BENCHMARKS_DOC: {"bars", "reading"}}
+PAGES = {README: {"summary"}, SEMANTICS: {"attached-cost", "fallback-cost"}, BENCHMARKS_DOC: {"tables", "bars", "reading"}}
 
 
 def updated(text: str, page: Path = README) -> str:

@@ -349,8 +349,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.plot and importlib.util.find_spec("matplotlib") is None:
         # Before training, not after it: a missing plotter must not cost the run its conclusions.
-        parser.error("--plot needs matplotlib: pip install matplotlib (or the examples extra: "
-                     "pip install -r examples/requirements.txt')")  # fmt: skip
+        parser.error("--plot needs matplotlib: pip install -r examples/requirements.txt")  # fmt: skip
     # NB: one thread by default. The tensors are tiny, so intra-op threads only add
     # synchronisation, and on a busy 2-core machine their spinning cost 10x per step.
     torch.set_num_threads(args.threads)

@@ -260,15 +260,14 @@ def torch_aliasing_assert(error: AssertionError) -> bool:
     return bool(frames) and frames[-1].filename.replace("\\", "/").endswith(where) and message in str(error)
 
 
-# Ours, known and not yet fixed: under vmap, torch.ops.gradbridge.straight_through
-# given None for x or q raises AttributeError from ops._straight_through_vmap, not
-# the TypeError it raises outside vmap; found by seed 1, chunk 1 and seed 0, chunk 38.
-# tests/test_inputs.py holds it as a strict xfail
-# (test_straight_through_under_vmap_refuses_none_as_it_does_outside): when that
-# passes, delete this and its use in run(), and add the call to REGRESSIONS.
 # Calls that once gave a finding, run first on every search.
 REGRESSIONS: list[Call] = [
     Call("straight_through", [Code("TwoTensor(like(torch.Tensor()), like(torch.Tensor()))"), Code("torch.Tensor()")]),
+    # Ours, since fixed: under vmap, torch.ops's None for q raised an AttributeError from the
+    # vmap rule, not the operator's TypeError (tests/test_inputs.py,
+    # test_straight_through_under_vmap_refuses_none_as_it_does_outside).
+    Call("torch.ops.straight_through", [Code("torch.ones(2, 3)"), None], context="vmap"),
+    Call("torch.ops.straight_through.Tensor", [Code("torch.ones(2, 3)"), None, Code("torch.tensor(0.5)")], context="vmap"),
     Call("torch.ops", [Code("torch.eye(3).to_sparse()"), 0.0], {"grad_scale": None}),
     Call("bridge", [Code("torch.eye(3)"), 0.0], {"grad_scale": None}),
     Call("torch.ops", [(Code("base(1, torch.qint32, 'cpu', grad=False)"),)]),

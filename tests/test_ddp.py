@@ -75,14 +75,14 @@ def test_every_rank_matches_one_process(tmp_path: Path, mode: int, cut_kwargs: d
             torch.testing.assert_close(result["state"][name], expected, msg=name)
         for name, expected in last_grads(reference).items():
             got = result["grads"][name]
-            if expected is None:  # attached zero: DDP reduced no gradient to zeros
+            if expected is None:  # attach=True sends None, which DDP's reduction may make zeros
                 assert got is None or not got.any(), name
             else:
                 torch.testing.assert_close(got, expected, msg=name)
 
 
 def test_a_cut_in_mode_1_needs_find_unused_parameters(tmp_path: Path) -> None:
-    # The control for the attached zero: with a plain cut, A and B never see a
+    # The control for attach=True (which sends None): with a plain cut, A and B never see a
     # gradient hook, which DDP with find_unused_parameters=False reports.
     for result in run_ddp(tmp_path, 1):
         assert "find_unused_parameters" in result.get("error", ""), result

@@ -329,11 +329,11 @@ def test_opcheck(scale: float | str) -> None:
     x = torch.randn(3, 4, requires_grad=True)
     args = (x, x.detach().round(), torch.tensor(0.5) if scale == "tensor" else scale)
     op = torch.ops.gradbridge.straight_through.Tensor if scale == "tensor" else torch.ops.gradbridge.straight_through.default
-    # test_autograd_registration expects an op's backward to reach each input that needs one; ours gives q none by design.
     # torch 2.5 traces the operator's decomposition (an alias) above autograd, whose gradient is not the
-    # operator's, so gradbridge refuses that trace (ops.py, _refuse_to_drop_the_backward).
-    aot = ("test_aot_dispatch_dynamic",) if torch_at_least("2.6") else ()
-    torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", *aot))
+    # operator's, so gradbridge refuses that trace (_operator.py, _refuse_to_drop_the_backward). The
+    # autograd-registration check passes with q needing a gradient too (q gets none, as the schema allows).
+    newer = ("test_autograd_registration", "test_aot_dispatch_dynamic") if torch_at_least("2.6") else ()
+    torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", *newer))
 
 
 @pytest.mark.native_only("the fallback's public names are Python functions")
@@ -351,7 +351,7 @@ def test_the_private_hand_off_refuses_calls_straight_through_would_not_make() ->
             hand_off(*args)
 
 
-# NB: no message may stream a number (see csrc/bridge.cpp, check_options): each that
+# NB: no message may stream a number (NOTE [No message streams a number], csrc/rules.cpp): each that
 # carries one is pinned whole, on CPU and CUDA, so that such a regression crashes here.
 def test_messages_with_shapes_and_devices_are_whole(device: str) -> None:
     x = torch.ones(2, 3, device=device)
