@@ -36,12 +36,13 @@ from plugged import bench_test_device
 from progress import Progress, duration
 from report import check_bars, report
 from routing import SHAPES as ROUTING_SHAPES, bench_routing
+from rotation import bench_rotation
 from ste import COMPILED_DTYPES as STE_COMPILED_DTYPES, DTYPES as STE_DTYPES, bench_straight_through
 from training import CUTS, MODES, bench_training, step_seconds
 
 RESULTS = Path(__file__).resolve().parent / "results"  # committed: what the README shows
 LOCAL = RESULTS / "local"  # ignored by git: where a run writes unless told otherwise
-SECTIONS = ("latency", "memory", "training", "attached", "straight_through", "routing", "test_device", "fallback")
+SECTIONS = ("latency", "memory", "training", "attached", "straight_through", "routing", "rotation", "test_device", "fallback")
 SIZES = {
     "cpu": "4B,64B,1KB,16KB,256KB,4MB,64MB,256MB",
     "cuda": "4B,64B,1KB,16KB,256KB,4MB,64MB,256MB,1GB",
@@ -149,6 +150,8 @@ def estimate(device: str, sizes: list[int], config: Config, sections: list[str])
         # three repeats more.
         "routing": (config.repeats + 3) * sum(4 * block + ROUTING_FILLS * torch.Size(shape).numel() * dtype.itemsize
                                               * per_byte for shape, _, dtype in ROUTING_SHAPES.values()),
+        # Unmeasured guess: four shapes of two methods, blocks of forward + backward, and VectorQuantize's steps.
+        "rotation": config.repeats * (8 * block + 2 * 3 * step_s) + 30,
         # Building the test device, half a minute; three methods at two sizes.
         "test_device": 30 + config.repeats * 2 * 3 * block + 2 * config.block_s * 6,
         # Nine methods at two sizes, each calibrated once.
@@ -175,6 +178,7 @@ def run_device(device: str, args: argparse.Namespace, sections: list[str], progr
         "attached": lambda: bench_attached(device, sizes, config, progress.step, progress.note),
         "straight_through": lambda: bench_straight_through(device, sizes, config, progress.step, progress.note),
         "routing": lambda: bench_routing(device, config, progress.step),
+        "rotation": lambda: bench_rotation(device, config, progress.step, progress.note),
         "test_device": lambda: bench_test_device(sizes, config, progress.step),
         "fallback": lambda: bench_fallback(sizes, config, progress.step, device, progress.note),
     }

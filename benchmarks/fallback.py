@@ -31,7 +31,7 @@ def bench_fallback(sizes: list[int], config: Config, step: Step, device: str, no
     layers, names = reversal_layers(note)
     packages = {name: stmt for name, stmt in layers.items() if name in ("pytorch-revgrad", "torch-gradient-reversal")}
     # The Python entry points over the fallback's kernels: what a process without the native operator calls.
-    entry = ops.entry_points(ops.Kernels(_fallback.bridge, _fallback.straight_through, _fallback.set_strict))
+    entry = ops.entry_points(ops.Kernels(_fallback.bridge, _fallback.straight_through, _fallback.rotate_to, _fallback.set_strict))
     fallback = {"fallback_bridge": entry.bridge, "fallback_straight_through": entry.straight_through}
     ends = sorted({sizes[0], sizes[-1]})
     timers = {}

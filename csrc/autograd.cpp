@@ -16,15 +16,6 @@
 namespace gradbridge {
 namespace {
 
-template <class T, class... Args>
-auto make_node(Args&&... args) {
-#if GRADBRIDGE_TORCH_AT_LEAST(2, 13)
-  return c10::make_intrusive<T>(std::forward<Args>(args)...);
-#else
-  return std::shared_ptr<T>(new T(std::forward<Args>(args)...));
-#endif
-}
-
 // A view of `base` made inside a custom Function (NOTE [An attached result
 // refuses in-place ops]). 2.3: as_view takes a rev_view_func.
 at::Tensor custom_function_view(const at::Tensor& base, const at::Tensor& tensor) {

@@ -1,6 +1,7 @@
-// gradbridge::bridge(t, grad_scale, attach) and gradbridge::straight_through(x, q, grad_scale):
-// the schemas, the one device-generic forward (an alias), and the C++ API.
-// The rules are rules.cpp's, the backwards autograd.cpp's.
+// gradbridge::bridge(t, grad_scale, attach), gradbridge::straight_through(x, q, grad_scale)
+// and gradbridge::rotate_to(x, q): the schemas, the one device-generic forward (an
+// alias), and the C++ API. The rules are rules.cpp's, the backwards autograd.cpp's
+// and rotate_to.cpp's.
 
 #include "bridge.h"
 
@@ -39,6 +40,12 @@ at::Tensor bridge_tensor_kernel(
 template <class Scale>
 at::Tensor straight_through_kernel(const at::Tensor& x, const at::Tensor& q, Scale grad_scale) {
   check_straight_through(x, q, grad_scale);
+  return bridge_alias(q, /*attached=*/true);
+}
+
+// rotate_to's forward is the same alias of q; only its backward differs (rotate_to.cpp).
+at::Tensor rotate_to_kernel(const at::Tensor& x, const at::Tensor& q) {
+  check_rotate_to(x, q);
   return bridge_alias(q, /*attached=*/true);
 }
 
@@ -133,6 +140,13 @@ const c10::TypedOperatorHandle<StraightThroughTensorSignature>& straight_through
   return op;
 }
 
+const c10::TypedOperatorHandle<RotateToSignature>& rotate_to_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("gradbridge::rotate_to", "")
+                             .typed<RotateToSignature>();
+  return op;
+}
+
 at::Tensor bridge(const at::Tensor& t, double grad_scale, optional<bool> attach) {
   check_defined(t);
   // Dense CPU and CUDA keys imply a strided layout, so the shortcut needs no
@@ -161,6 +175,11 @@ at::Tensor straight_through(const at::Tensor& x, const at::Tensor& q, const at::
   return straight_through_tensor_op().call(x, q, grad_scale);
 }
 
+at::Tensor rotate_to(const at::Tensor& x, const at::Tensor& q) {
+  check_rotate_to(x, q);
+  return rotate_to_op().call(x, q);
+}
+
 bool set_strict(bool enabled) {
   return strict_mode.exchange(enabled);
 }
@@ -171,7 +190,7 @@ bool is_strict() {
 
 // The schemas mark the result as an alias of t (of q), as detach's does; the
 // rules between grad_scale and attach are check_options', straight_through's
-// are check_straight_through's.
+// are check_straight_through's, rotate_to's check_rotate_to's.
 //
 // One device-generic forward, registered as aten::alias and aten::detach are
 // (CompositeExplicitAutograd): every dense backend, built in or out of tree
@@ -185,6 +204,7 @@ TORCH_LIBRARY(gradbridge, m) {
   m.def("bridge.Tensor(Tensor(a) t, Tensor grad_scale, bool? attach=None) -> Tensor(a)");
   m.def("straight_through(Tensor x, Tensor(a) q, float grad_scale=1.) -> Tensor(a)");
   m.def("straight_through.Tensor(Tensor x, Tensor(a) q, Tensor grad_scale) -> Tensor(a)");
+  m.def("rotate_to(Tensor x, Tensor(a) q) -> Tensor(a)");
   using c10::DispatchKey;
   for (auto key : {DispatchKey::CompositeExplicitAutograd, DispatchKey::NestedTensorCPU,
                    DispatchKey::NestedTensorCUDA}) {
@@ -192,6 +212,7 @@ TORCH_LIBRARY(gradbridge, m) {
     m.impl("bridge.Tensor", torch::dispatch(key, TORCH_FN(bridge_tensor_kernel)));
     m.impl("straight_through", torch::dispatch(key, TORCH_FN(straight_through_kernel<double>)));
     m.impl("straight_through.Tensor", torch::dispatch(key, TORCH_FN(straight_through_kernel<const at::Tensor&>)));
+    m.impl("rotate_to", torch::dispatch(key, TORCH_FN(rotate_to_kernel)));
   }
 }
 

@@ -26,6 +26,14 @@ at::Tensor bridge(const at::Tensor& t, const at::Tensor& grad_scale, optional<bo
 at::Tensor straight_through(const at::Tensor& x, const at::Tensor& q, double grad_scale = 1);
 at::Tensor straight_through(const at::Tensor& x, const at::Tensor& q, const at::Tensor& grad_scale);
 
+// The rotation trick (Fifty et al., arXiv 2410.06424), as vector-quantize-pytorch's
+// rotate_to(src, tgt) names it: an alias of q (its values, bitwise), recorded
+// when x requires grad, whose backward sends x, row by row over the last
+// dimension, lam * R^T grad, with R the rotation taking x's row to q's and
+// lam = |q| / |x| held constant (rotate_to.cpp), and nothing to q. x and q have
+// the same shape (at least one dimension) and device and are real floating.
+at::Tensor rotate_to(const at::Tensor& x, const at::Tensor& q);
+
 // Strict mode: results share t's version counter, as detach()'s do, so
 // autograd raises when t is changed in place after C saved the result.
 // Process-wide. Returns the previous setting.

@@ -1,4 +1,4 @@
-// The Python entry points: gradbridge_ext._C.bridge and _C.straight_through.
+// The Python entry points: gradbridge_ext._C.bridge, _C.straight_through and _C.rotate_to.
 
 #include <ATen/PythonTorchFunctionTLS.h>
 #include <torch/csrc/Exceptions.h>
@@ -73,6 +73,18 @@ PyObject* straight_through_entry(
   END_HANDLE_TH_ERRORS
 }
 
+// And for rotate_to(x, q), with the rest handed to `_rotate_to_in_python`.
+PyObject* rotate_to_entry(
+    PyObject* module, PyObject* const* args, Py_ssize_t nargs, PyObject* kwnames) {
+  HANDLE_TH_ERRORS
+  if (nargs == 2 && plain_tensors(args, nargs, kwnames)) {
+    return THPVariable_Wrap(gradbridge::rotate_to(THPVariable_Unpack(args[0]), THPVariable_Unpack(args[1])));
+  }
+  static PyObject* const name = PyUnicode_InternFromString("_rotate_to_in_python");
+  return hand_off(module, name, args, nargs, kwnames);
+  END_HANDLE_TH_ERRORS
+}
+
 // gradbridge::bridge for arguments the Python entry has parsed: t a Tensor,
 // grad_scale a float or a Tensor, attach None or a bool. The C++ function, not
 // torch.ops: it names an unsupported layout before a subclass's
@@ -112,6 +124,16 @@ PyObject* straight_through_parsed(PyObject* /*module*/, PyObject* const* args, P
   END_HANDLE_TH_ERRORS
 }
 
+// gradbridge::rotate_to for parsed arguments: x and q Tensors.
+PyObject* rotate_to_parsed(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  TORCH_CHECK_TYPE(
+      nargs == 2 && THPVariable_Check(args[0]) && THPVariable_Check(args[1]),
+      "_rotate_to_parsed(x, q) takes what rotate_to() has parsed; call rotate_to()");
+  return THPVariable_Wrap(gradbridge::rotate_to(THPVariable_Unpack(args[0]), THPVariable_Unpack(args[1])));
+  END_HANDLE_TH_ERRORS
+}
+
 PyObject* set_strict(PyObject* /*module*/, PyObject* enabled) {
   HANDLE_TH_ERRORS
   const int value = PyObject_IsTrue(enabled);
@@ -132,6 +154,8 @@ PyMethodDef methods[] = {
     {"_bridge_parsed", (PyCFunction)(void (*)())bridge_parsed, METH_FASTCALL, nullptr},
     {"straight_through", (PyCFunction)(void (*)())straight_through_entry, METH_FASTCALL | METH_KEYWORDS, nullptr},
     {"_straight_through_parsed", (PyCFunction)(void (*)())straight_through_parsed, METH_FASTCALL, nullptr},
+    {"rotate_to", (PyCFunction)(void (*)())rotate_to_entry, METH_FASTCALL | METH_KEYWORDS, nullptr},
+    {"_rotate_to_parsed", (PyCFunction)(void (*)())rotate_to_parsed, METH_FASTCALL, nullptr},
     {"_set_strict", set_strict, METH_O, nullptr},
     {"_is_strict", is_strict, METH_NOARGS, nullptr},
     {nullptr, nullptr, 0, nullptr}};

@@ -187,6 +187,37 @@ void check_straight_through(const at::Tensor& x, const at::Tensor& q, const at::
   check_scale_tensor("gradbridge::straight_through", grad_scale, x, "x");
 }
 
+// NOTE [rotate_to's rules]
+// rotate_to(x, q) is q's alias with the rotation trick's gradient to x, which
+// treats each row of the last dimension as one vector: so x and q describe the
+// same elements (the same shape, the same device, as straight_through's), have
+// a last dimension (at least one), and are real floating (a rotation of complex
+// rows is another operator). Their dtypes may differ: the backward computes in
+// the wider of them and float32, and the gradient reaches x in x's dtype.
+void check_rotate_to(const at::Tensor& x, const at::Tensor& q) {
+  TORCH_CHECK_TYPE(
+      x.defined() && q.defined(),
+      "gradbridge::rotate_to(x, q): expected two tensors, got None (an undefined tensor)");
+  check_strided("gradbridge::rotate_to(x, q)", "x", x, "Pass dense tensors.");
+  check_strided("gradbridge::rotate_to(x, q)", "q", q, "Pass dense tensors.");
+  TORCH_CHECK_VALUE(
+      x.sizes() == q.sizes(),
+      "gradbridge::rotate_to(x, q): x and q must have the same shape (no broadcasting: the result is an "
+      "alias of q), got ", shape_string(x.sizes()), " and ", shape_string(q.sizes()));
+  TORCH_CHECK_VALUE(
+      x.device() == q.device(),
+      "gradbridge::rotate_to(x, q): x and q must be on the same device, got ",
+      x.device().str(), " and ", q.device().str());
+  TORCH_CHECK_TYPE(
+      at::isFloatingType(x.scalar_type()) && at::isFloatingType(q.scalar_type()),
+      "gradbridge::rotate_to(x, q): x and q must both be real floating (a rotation of complex rows is not "
+      "supported), got ", c10::toString(x.scalar_type()), " and ", c10::toString(q.scalar_type()));
+  TORCH_CHECK_VALUE(
+      x.dim() > 0,
+      "gradbridge::rotate_to(x, q): x and q must have at least one dimension (each row of the last is a "
+      "vector), got 0-dim tensors");
+}
+
 // NB: one forward, a family of backwards. A cut (grad_scale 0, not attached)
 // records nothing: the result is a fresh leaf that does not require grad, so
 // there is no node to build. Otherwise the result stays in the graph: it gets
@@ -201,20 +232,32 @@ void check_attached_forward_ad(const at::Tensor& t) {
       "attach; the cut, bridge(t), drops the tangent as detach() does.");
 }
 
+// An inference q's alias: autograd records no op on an inference tensor's
+// alias, so the node would be set and every op after it would drop x's gradient.
+static void check_q_recordable(const char* op, const at::Tensor& x, const at::Tensor& q) {
+  TORCH_CHECK(
+      !q.is_inference() || !torch::autograd::compute_requires_grad(x),
+      "gradbridge::", op, "(x, q): q is an inference tensor (made under torch.inference_mode()) and x "
+      "requires grad, but autograd records nothing on an inference tensor's alias, so x would get no gradient; "
+      "make q outside inference mode, or pass q.clone()");
+}
 
 // NB: an STE's backward is no derivative of its forward either, so forward-mode
-// AD is refused for x and q alike. An alias of an inference tensor is one too,
-// and autograd records no op on it: the node would be set, and every op after
-// it would drop x's gradient.
+// AD is refused for x and q alike, and q must be recordable.
 void check_straight_through_autograd(const at::Tensor& x, const at::Tensor& q) {
   TORCH_CHECK_NOT_IMPLEMENTED(
       !torch::autograd::isFwGradDefined(x) && !torch::autograd::isFwGradDefined(q),
       "gradbridge::straight_through: forward-mode AD is not supported");
-  TORCH_CHECK(
-      !q.is_inference() || !torch::autograd::compute_requires_grad(x),
-      "gradbridge::straight_through(x, q): q is an inference tensor (made under torch.inference_mode()) and x "
-      "requires grad, but autograd records nothing on an inference tensor's alias, so x would get no gradient; "
-      "make q outside inference mode, or pass q.clone()");
+  check_q_recordable("straight_through", x, q);
+}
+
+// rotate_to's backward is no derivative of its forward either, and q must be
+// recordable (its backward also saves q, which an inference tensor cannot be).
+void check_rotate_to_autograd(const at::Tensor& x, const at::Tensor& q) {
+  TORCH_CHECK_NOT_IMPLEMENTED(
+      !torch::autograd::isFwGradDefined(x) && !torch::autograd::isFwGradDefined(q),
+      "gradbridge::rotate_to: forward-mode AD is not supported");
+  check_q_recordable("rotate_to", x, q);
 }
 
 } // namespace gradbridge

@@ -29,10 +29,14 @@ void check_straight_through(const at::Tensor& x, const at::Tensor& q);
 void check_straight_through(const at::Tensor& x, const at::Tensor& q, double grad_scale);
 void check_straight_through(const at::Tensor& x, const at::Tensor& q, const at::Tensor& grad_scale);
 
+// rotate_to's x and q (NOTE [rotate_to's rules]).
+void check_rotate_to(const at::Tensor& x, const at::Tensor& q);
+
 // What the autograd kernels refuse: forward-mode AD through a backward that is
 // no derivative of the forward, and an inference q whose alias records nothing.
 void check_attached_forward_ad(const at::Tensor& t);
 void check_straight_through_autograd(const at::Tensor& x, const at::Tensor& q);
+void check_rotate_to_autograd(const at::Tensor& x, const at::Tensor& q);
 
 // "[2, 3]", without streaming a number (NOTE [No message streams a number]).
 std::string shape_string(at::IntArrayRef shape);

@@ -46,7 +46,7 @@ def compile_flags(platform: str = sys.platform) -> list[str]:
     """The compile flags of both builds (setup.py reads them from here), in the compiler's dialect.
 
     torch's JIT build passes none of them; a setup.py build gets Python's own
-    (-O3 -DNDEBUG, and -g, whose debug info costs a third of the compile), so -g0
+    (-O3 -DNDEBUG, and -g, whose debug info only slows the compile), so -g0
     undoes that. torch builds with MSVC on Windows, which spells them its own way.
     """
     return ["/O2", "/DNDEBUG"] if platform == "win32" else ["-O3", "-DNDEBUG", "-g0"]
@@ -59,11 +59,10 @@ def binary_name(platform: str = sys.platform) -> str:
 
 CXX_FLAGS = compile_flags()
 BINARY = binary_name()
-# The oldest and newest torch CI tests: .ci/torch-versions' matrix, which
 # What a build recorded about its binary (size and SHA-256), checked before loading.
 RECORD = BINARY + ".sha256"
-# How long an import waits for another process's build of the same folder: a
-# cold build takes under a minute, several on a loaded machine.
+# How long an import waits for another process's build of the same folder: many
+# times a cold build (docs/install.md), for a loaded machine.
 BUILD_WAIT_S = 600.0
 
 

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from . import _rules, _tracing
 from ._extension import _C, NATIVE
-from ._functions import BridgeCopy, StraightThroughCopy
+from ._functions import BridgeCopy, RotateToCopy, StraightThroughCopy
 from ._import_hooks import when_imported
 
 # NB: strict export puts the operator itself in the graph dynamo captures, as
@@ -46,6 +46,11 @@ def bridge_for_dynamo(t: Tensor, /, grad_scale: float | Tensor = 0.0, *, attach:
 def straight_through_for_dynamo(x: Tensor, q: Tensor, /, grad_scale: float | Tensor = 1.0) -> Tensor:
     """What dynamo traces in place of the C entry point ``straight_through``."""
     return traced_straight_through(x, q, grad_scale, operator=True)
+
+
+def rotate_to_for_dynamo(x: Tensor, q: Tensor, /) -> Tensor:
+    """What dynamo traces in place of the C entry point ``rotate_to``."""
+    return traced_rotate_to(x, q, operator=True)
 
 
 def traced_bridge(t: Tensor, grad_scale: float | Tensor, attach: bool | None, operator: bool) -> Tensor:
@@ -79,6 +84,19 @@ def traced_straight_through(x: Tensor, q: Tensor, grad_scale: float | Tensor, op
     return StraightThroughCopy.apply(x, q, _scale_or_none(grad_scale))
 
 
+def traced_rotate_to(x: Tensor, q: Tensor, operator: bool) -> Tensor:
+    """rotate_to while dynamo traces, as :func:`traced_straight_through`."""
+    _rules.check_rotate_to(x, q)
+    if _is_exporting():
+        if not operator:
+            _rules.check_exportable("rotate_to", _rules.recorded(x))
+            return q.detach()
+        return torch.ops.gradbridge.rotate_to.default(x, q)
+    if not _rules.recorded(x):
+        return q.detach()
+    return RotateToCopy.apply(x, q)
+
+
 def _register() -> None:
     global _is_exporting
     _is_exporting = getattr(torch.compiler, "is_exporting", None) or torch._dynamo.assume_constant_result(
@@ -88,6 +106,7 @@ def _register() -> None:
     if NATIVE and substitute is not None:  # the fallback's Python functions are traced as they are
         substitute(_C.bridge)(bridge_for_dynamo)
         substitute(_C.straight_through)(straight_through_for_dynamo)
+        substitute(_C.rotate_to)(rotate_to_for_dynamo)
 
 
 when_imported("torch._dynamo", _register)

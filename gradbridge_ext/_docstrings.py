@@ -7,7 +7,7 @@ The first two lines of each are CPython's signature convention for a C function
 BRIDGE = r"""bridge(t, /, grad_scale=0.0, *, attach=None)
 --
 
-Return an alias of ``t`` whose backward is zero, or ``grad_scale`` times the gradient.
+Return an alias of ``t`` with no backward (a cut), ``grad_scale`` times the gradient, or none in the graph (``attach=True``).
 
 The forward is the same for every setting: the result shares ``t``'s storage (no
 copy, no allocation, no kernel launch) and starts with its sizes, strides,
@@ -107,6 +107,54 @@ Examples::
     >>> (y * torch.tensor([1.0, 2.0, 3.0])).sum().backward()
     >>> w.grad                                     # the gradient goes straight through to w
     tensor([1., 2., 3.])
+"""
+
+ROTATE_TO = r"""rotate_to(x, q, /)
+--
+
+Return ``q``, exactly, with the rotation trick's gradient to ``x``.
+
+The rotation trick (Fifty et al., "Restructuring Vector Quantization with the
+Rotation Trick", arXiv 2410.06424), as vector-quantize-pytorch's ``rotate_to(src,
+tgt)`` names it, with its argument order: ``x`` is the encoder output, ``q`` its
+codebook vector. The forward is ``straight_through``'s: an alias of ``q`` (same
+storage, no copy, no allocation, no kernel; bitwise ``q``, where the library's
+``lam R x`` is ``q`` only up to rounding, and 0 where ``x`` is 0). The backward
+treats each row of the last dimension (any leading shape) as one vector ``e`` and
+sends ``e`` the gradient ``g`` carried back through the rotation and rescaling that
+take ``e`` to ``q``, held constant, and nothing to ``q``::
+
+    u = e / |e|,  w = q / |q|,  r = (u + w) / |u + w|,  lam = |q| / |e|
+    grad_e = lam * R^T g = lam * (g - 2 r (r . g) + 2 u (w . g)),  R = I - 2 r r^T + 2 w u^T
+
+with the library's clamps (each norm above is ``max(norm, 1e-6)``), so that it is
+the library's gradient at every row, the degenerate ones included: a zero ``e``
+gets ``(|q| / 1e-6) (g - 2 w (w . g))``, a zero ``q`` gets 0, an exact antipode
+(``q = -c e``) gets ``lam (g - 2 u (u . g))``, and rows with a norm below 1e-6
+get the clamped value. It computes in float32 for float16 and bfloat16 (in the
+wider of the dtypes and float32) and returns the gradient in ``x``'s dtype.
+
+``x`` and ``q`` must have the same shape, with at least one dimension, and
+device, and both be real floating; their dtypes may differ (the result has
+``q``'s). The result is recorded in the graph when ``x`` requires grad (grad mode
+on): then it is a custom Function's view of ``q`` that refuses in-place ops, and
+the backward saves ``x`` and ``q`` (an in-place change of either before it raises).
+It always shares ``q``'s version counter. Otherwise it is a plain alias of ``q``
+that does not require grad. Forward-mode AD is refused.
+
+Example::
+
+    >>> import torch, gradbridge_ext
+    >>> x = torch.tensor([[3.0, 4.0]], requires_grad=True)   # an encoder output, |x| = 5
+    >>> q = torch.tensor([[0.0, 10.0]])                      # its codebook vector, |q| = 10
+    >>> y = gradbridge_ext.rotate_to(x, q)
+    >>> y                                                    # q's values, exactly
+    tensor([[ 0., 10.]], grad_fn=<RotateToBackward>)
+    >>> y.data_ptr() == q.data_ptr()                         # q itself, no copy
+    True
+    >>> y.backward(torch.tensor([[0.0, 1.0]]))               # g along q ...
+    >>> x.grad                                               # ... reaches x along x, times |q| / |x|
+    tensor([[1.2000, 1.6000]])
 """
 
 STRICT = """While active, ``bridge``'s results share ``t``'s version counter, as ``detach()``'s do.

@@ -1,4 +1,4 @@
-"""bridge (and straight_through) of a DTensor: the same mesh and placements, over the local shard.
+"""bridge (and straight_through, rotate_to) of a DTensor: the same mesh and placements, over the local shard.
 
 DTensor runs an operator only if it has a sharding rule for it, and has none for
 ours. bridge moves no data, so its rule is ``aten.detach``'s: the output has the
@@ -11,6 +11,12 @@ on the DTensor itself, gives the gradient of each setting.
 straight_through(x, q) is q's alias, so its rule is the same with q in t's place;
 ``x`` is given q's placements (DTensor redistributes an ``x`` placed otherwise), so
 that each rank's backward sends its shard's gradient to the same shard of ``x``.
+
+rotate_to(x, q) is q's alias too, but its backward reads whole rows (the last
+dimension) of x and q: its rule is straight_through's with a Shard of the last
+dimension, or a Partial, replaced by Replicate, so that DTensor gathers such an x
+and q in the forward (the one case where rotate_to moves data) and each rank's
+backward works on whole rows, with no collective.
 
 The rules are registered with ``torch.distributed.tensor.experimental.register_sharding``
 (public, experimental, torch >= 2.5). Importing ``torch.distributed.tensor`` costs
@@ -83,6 +89,20 @@ def straight_through_sharding(x: Any, q: Any, *options: Any, **keyword_options: 
     return [([out], [out, out, *rest]) for (out,), (_, *rest) in bridge_sharding(q, *options, **keyword_options)]
 
 
+def _whole_rows(placement: Any, ndim: int) -> Any:
+    """``placement``, or Replicate where it splits the rows (a Shard of the last dimension) or their values (Partial)."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    if isinstance(placement, Shard) and placement.dim not in (ndim - 1, -1):
+        return placement
+    return placement if isinstance(placement, Replicate) else Replicate()
+
+
+def rotate_to_sharding(x: Any, q: Any) -> list[tuple[list, list]]:
+    """rotate_to's rule: straight_through's, with whole rows on each rank (see the module's docstring)."""
+    return [([out], [out, out]) for out in dict.fromkeys(_whole_rows(p, len(q.shape)) for p in q.placements)]
+
+
 def register() -> None:
     """Register bridge's sharding rule with DTensor, or record and warn why not.
 
@@ -107,6 +127,7 @@ def register() -> None:
                 for packet, rule in (
                     (torch.ops.gradbridge.bridge, bridge_sharding),
                     (torch.ops.gradbridge.straight_through, straight_through_sharding),
+                    (torch.ops.gradbridge.rotate_to, rotate_to_sharding),
                 ):
                     register_sharding([getattr(packet, name) for name in packet.overloads()])(rule)
                 registered = True
@@ -114,8 +135,8 @@ def register() -> None:
                 skipped = f"register_sharding failed on torch {torch.__version__}: {type(error).__name__}: {error}"
         if skipped is not None:
             warnings.warn(
-                f"gradbridge_ext: bridge of a DTensor will fail (DTensor has no sharding rule for "
-                f"gradbridge.bridge): {skipped}",
+                f"gradbridge_ext: bridge, straight_through and rotate_to of a DTensor will fail (DTensor has "
+                f"no sharding rule for gradbridge's operators): {skipped}",
                 RuntimeWarning,
                 stacklevel=2,
             )

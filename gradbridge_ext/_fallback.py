@@ -1,4 +1,4 @@
-"""bridge and straight_through in pure Python: kernels that need no compiler.
+"""bridge, straight_through and rotate_to in pure Python: kernels that need no compiler.
 
 Where no native operator can be had (``gradbridge_ext.NATIVE`` is False), these
 kernels serve every call, behind the same Python entry points (ops.py). They give
@@ -58,6 +58,21 @@ def straight_through(x: Tensor, q: Tensor, grad_scale: float | Tensor) -> Tensor
         _rules.check_exportable("straight_through", True)
     scale = grad_scale if isinstance(grad_scale, Tensor) or grad_scale != 0 else None
     return eager_functions().StraightThrough.apply(x, q, scale)
+
+
+def rotate_to(x: Tensor, q: Tensor) -> Tensor:
+    """rotate_to's kernel, its arguments parsed by ops.py."""
+    if _tracing.compiling():
+        return _compile.traced_rotate_to(x, q, operator=False)
+    _rules.check_rotate_to(x, q)
+    if _has_tangent(x) or _has_tangent(q):
+        _rules.check_forward_ad("rotate_to", True)
+    if not _rules.recorded(x):
+        return q.detach()
+    _rules.check_q_not_inference(q, "rotate_to")
+    if _traced_without_the_operator():
+        _rules.check_exportable("rotate_to", True)
+    return eager_functions().RotateTo.apply(x, q)
 
 
 _strict = False

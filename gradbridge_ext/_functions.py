@@ -1,11 +1,12 @@
-"""The autograd Functions of both Python paths, over one scaled backward.
+"""The autograd Functions of both Python paths, over one scaled backward and one rotated one.
 
 The pure-Python fallback's kernels return a custom Function's view (``Bridge``,
-``StraightThrough``, named as the native backward nodes are), and the compile
-stand-ins (_compile.py) return a copy (``BridgeCopy``, ``StraightThroughCopy``; see
-NOTE [A compiled attached result is a copy]). Every one saves its scale with
-:func:`save_scale` and applies it with :func:`scaled`, which does what the native
-ScaledGradBackward does (csrc/bridge.cpp). Imports only torch.
+``StraightThrough``, ``RotateTo``, named as the native backward nodes are), and the
+compile stand-ins (_compile.py) return a copy (``BridgeCopy``, ``StraightThroughCopy``,
+``RotateToCopy``; see NOTE [A compiled attached result is a copy]). The scaled ones
+save their scale with :func:`save_scale` and apply it with :func:`scaled`, which does
+what the native ScaledGradBackward does (csrc/autograd.cpp); the rotated ones call
+:func:`rotated_gradient`, csrc/rotate_to.cpp's formula. Imports only torch.
 """
 
 from __future__ import annotations
@@ -40,6 +41,35 @@ def _backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
     return (scaled(ctx, grad),) + (None,) * ctx.other_inputs
 
 
+ROTATION_EPS = 1e-6  # vector-quantize-pytorch's clamp, on |x|, |q| and |u + w|
+
+
+def _row_norm(t: Tensor) -> Tensor:
+    return torch.linalg.vector_norm(t, dim=-1, keepdim=True)
+
+
+def rotated_gradient(grad: Tensor, x: Tensor, q: Tensor) -> Tensor:
+    """The rotation trick's gradient to ``x``, row by row: csrc/rotate_to.cpp's, op for op (NOTE [The rotation trick's gradient])."""
+    acc = torch.promote_types(torch.float32, torch.promote_types(torch.promote_types(x.dtype, q.dtype), grad.dtype))
+    e, t, g = x.to(acc), q.to(acc), grad.to(acc)
+    norm_e = _row_norm(e).clamp_min(ROTATION_EPS)
+    norm_q = _row_norm(t)
+    lam = norm_q.div(norm_e)
+    norm_q_clamped = norm_q.clamp_min(ROTATION_EPS)
+    s = e.div(norm_e).add(t.div(norm_q_clamped))  # u + w
+    norm_s = _row_norm(s).clamp_min(ROTATION_EPS)
+    coef_s = s.mul(g).sum(-1, keepdim=True).div(norm_s.square()).mul(lam).mul(-2)
+    coef_e = t.mul(g).sum(-1, keepdim=True).div(norm_q_clamped.mul(norm_e)).mul(lam).mul(2)
+    return g.mul(lam).addcmul(s, coef_s).addcmul(e, coef_e).to(x.dtype)
+
+
+def _rotated_backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None]:
+    # NB: x and q detached: lam and R are constants, so under create_graph the
+    # gradient is differentiable in grad (a linear map) and in nothing else.
+    x, q = ctx.saved_tensors
+    return rotated_gradient(grad, x.detach(), q.detach()), None
+
+
 # NB: each forward takes ctx, with no setup_context: Function.apply then skips
 # binding its arguments through inspect.signature, a large part of its cost
 # (benchmarks' fallback section measures the calls). torch.func's transforms
@@ -66,6 +96,17 @@ class StraightThrough(torch.autograd.Function):
         return q.view_as(q)
 
     backward = staticmethod(_backward)
+
+
+class RotateTo(torch.autograd.Function):
+    """The fallback's rotate_to: a custom Function's view of ``q``, the rotation trick's gradient to ``x``."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, q: Tensor) -> Tensor:
+        ctx.save_for_backward(x, q)
+        return q.view_as(q)
+
+    backward = staticmethod(_rotated_backward)
 
 
 class UnderTransforms:
@@ -99,6 +140,19 @@ class UnderTransforms:
 
         backward = staticmethod(_backward)
 
+    class RotateTo(torch.autograd.Function):
+        generate_vmap_rule = True
+
+        @staticmethod
+        def forward(x: Tensor, q: Tensor) -> Tensor:
+            return q.view_as(q)
+
+        @staticmethod
+        def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+            ctx.save_for_backward(*inputs)
+
+        backward = staticmethod(_rotated_backward)
+
 
 def eager_functions() -> Any:
     """The fallback's Functions for this call: the transforms' form under torch.func, else the faster one."""
@@ -108,6 +162,7 @@ def eager_functions() -> Any:
 class Eager:
     Bridge = Bridge
     StraightThrough = StraightThrough
+    RotateTo = RotateTo
 
 
 # NOTE [A compiled attached result is a copy]
@@ -152,3 +207,17 @@ class StraightThroughCopy(torch.autograd.Function):
         ctx.other_inputs = 2
 
     backward = staticmethod(_backward)
+
+
+class RotateToCopy(torch.autograd.Function):
+    """rotate_to in a compiled graph: a copy of ``q``; the rotation trick's gradient to ``x``, in ``x``'s dtype."""
+
+    @staticmethod
+    def forward(x: Tensor, q: Tensor) -> Tensor:
+        return q.clone()
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+        ctx.save_for_backward(*inputs)
+
+    backward = staticmethod(_rotated_backward)

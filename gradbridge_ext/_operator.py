@@ -5,11 +5,12 @@ the fallback registers no operator, so this module is imported only with the nat
 
 - vmap has no rule for a custom operator, and its fallback refuses aliasing
   ops; bridge of a batch is the batch of bridges, so the rule bridges the
-  batched tensor whole. torch.func.grad needs nothing: the autograd kernel
+  batched tensor whole (straight_through's and rotate_to's, with the batch first). torch.func.grad needs nothing: the autograd kernel
   serves every level.
 - torch.export keeps the operator in the graph it captures, so ``ep.module()``
   keeps its backward; functionalization (``run_decompositions``, ONNX) then needs
-  a decomposition, and below autograd every setting is the same alias.
+  a decomposition: ``aten.detach`` for a cut and ``aten.alias`` for the rest
+  (``run_decompositions`` lowers both to ``aten.alias``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from ._tracing import TRACERS_KEEP_THE_OPERATOR, functionalizing, python_dispatc
 # NB: register_vmap is torch 2.5's. Without it vmap raises torch's own error for a custom operator.
 _register_vmap = getattr(torch.library, "register_vmap", None) or (lambda name: lambda function: function)
 _bridge, _straight_through = torch.ops.gradbridge.bridge, torch.ops.gradbridge.straight_through
+_rotate_to = torch.ops.gradbridge.rotate_to
 
 
 @_register_vmap("gradbridge::bridge")
@@ -67,6 +69,15 @@ for _overload in ("gradbridge::straight_through", "gradbridge::straight_through.
     _register_vmap(_overload)(_straight_through_vmap)
 
 
+# rotate_to of a batch is the batch of rotate_tos: the rows are the last dimension,
+# so the batch goes first, where it cannot meet them.
+@_register_vmap("gradbridge::rotate_to")
+def _rotate_to_vmap(info: Any, in_dims: tuple[int | None, ...], x: Tensor, q: Tensor) -> tuple[Tensor, int | None]:
+    if x is None or q is None:  # torch.ops passes None on: the operator refuses it, as outside vmap
+        return _rotate_to(x, q), None
+    return _rotate_to(_batch_first(x, in_dims[0], info), _batch_first(q, in_dims[1], info)), 0
+
+
 def _refuse_to_drop_the_backward(op: str, *tensors: Tensor) -> None:
     if not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors):
         return
@@ -105,6 +116,10 @@ def _alias_of_q(x: Tensor, q: Tensor, grad_scale: Any = 1.0) -> Tensor:
     return _decomposition("straight_through", False, q, x, q)
 
 
+def _rotate_to_alias_of_q(x: Tensor, q: Tensor) -> Tensor:
+    return _decomposition("rotate_to", False, q, x, q)
+
+
 # NB: functionalization decomposes an op whose schema aliases its input through
 # the op's Python CompositeImplicitAutograd kernel. Registered with py_impl it
 # is seen only by tracing (the Python dispatcher); eager calls keep the C++
@@ -119,3 +134,4 @@ for _overload in (_bridge.default, _bridge.Tensor):
     _overload.py_impl(torch._C.DispatchKey.CompositeImplicitAutograd)(_alias)
 for _overload in (_straight_through.default, _straight_through.Tensor):
     _overload.py_impl(torch._C.DispatchKey.CompositeImplicitAutograd)(_alias_of_q)
+_rotate_to.default.py_impl(torch._C.DispatchKey.CompositeImplicitAutograd)(_rotate_to_alias_of_q)

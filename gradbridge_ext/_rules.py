@@ -1,4 +1,4 @@
-"""The operator's argument rules and their messages, as csrc/bridge.cpp states them: the one Python statement.
+"""The operator's argument rules and their messages, as csrc/rules.cpp states them: the one Python statement.
 
 The pure-Python fallback checks its arguments with these, and so do the compile
 stand-ins (dynamo cannot call into C++ while it traces) and ``Bridge``'s
@@ -56,7 +56,7 @@ def check_grad_scale_type(grad_scale: Any, function: str) -> None:
         raise _grad_scale_type_error(grad_scale, function)
 
 
-# --- values, as the operator states them (csrc/bridge.cpp)
+# --- values, as the operator states them (csrc/rules.cpp)
 
 
 def scalar_type_name(dtype: torch.dtype) -> str:
@@ -146,7 +146,7 @@ def check_bridge(t: Tensor, grad_scale: float | Tensor, attach: bool | None) -> 
 
 
 def check_straight_through(x: Tensor, q: Tensor, grad_scale: float | Tensor) -> None:
-    """straight_through's rules (csrc/bridge.cpp, NOTE [straight_through's rules])."""
+    """straight_through's rules (csrc/rules.cpp, NOTE [straight_through's rules])."""
     for name, t in (("x", x), ("q", q)):
         check_strided("gradbridge::straight_through(x, q)", name, t, "Use x + (q - x).detach() for it.")
     if x.shape != q.shape:
@@ -167,6 +167,29 @@ def check_straight_through(x: Tensor, q: Tensor, grad_scale: float | Tensor) -> 
         check_finite("gradbridge::straight_through", grad_scale)
 
 
+def check_rotate_to(x: Tensor, q: Tensor) -> None:
+    """rotate_to's rules (csrc/rules.cpp, NOTE [rotate_to's rules])."""
+    for name, t in (("x", x), ("q", q)):
+        check_strided("gradbridge::rotate_to(x, q)", name, t, "Pass dense tensors.")
+    if x.shape != q.shape:
+        raise ValueError(
+            "gradbridge::rotate_to(x, q): x and q must have the same shape (no broadcasting: the result is an "
+            f"alias of q), got {list(x.shape)} and {list(q.shape)}"
+        )
+    if x.device != q.device:
+        raise ValueError(f"gradbridge::rotate_to(x, q): x and q must be on the same device, got {x.device} and {q.device}")
+    if not (x.is_floating_point() and q.is_floating_point()):
+        raise TypeError(
+            "gradbridge::rotate_to(x, q): x and q must both be real floating (a rotation of complex rows is not "
+            f"supported), got {scalar_type_name(x.dtype)} and {scalar_type_name(q.dtype)}"
+        )
+    if x.dim() == 0:
+        raise ValueError(
+            "gradbridge::rotate_to(x, q): x and q must have at least one dimension (each row of the last is a "
+            "vector), got 0-dim tensors"
+        )
+
+
 def recorded(t: Tensor) -> bool:
     """Whether the operator records a node whose gradient goes to ``t``: else its result is a plain alias."""
     return torch.is_grad_enabled() and t.requires_grad
@@ -184,10 +207,10 @@ def check_forward_ad(op: str, attached: bool) -> None:
         raise NotImplementedError(f"gradbridge::{op}: forward-mode AD is not supported")
 
 
-def check_q_not_inference(q: Tensor) -> None:
+def check_q_not_inference(q: Tensor, op: str = "straight_through") -> None:
     if q.is_inference():
         raise RuntimeError(
-            "gradbridge::straight_through(x, q): q is an inference tensor (made under torch.inference_mode()) and x "
+            f"gradbridge::{op}(x, q): q is an inference tensor (made under torch.inference_mode()) and x "
             "requires grad, but autograd records nothing on an inference tensor's alias, so x would get no gradient; "
             "make q outside inference mode, or pass q.clone()"
         )

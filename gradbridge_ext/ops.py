@@ -1,7 +1,7 @@
-"""The public face: ``bridge``, ``straight_through``, ``strict``, ``Bridge`` and ``BridgeFunction``.
+"""The public face: ``bridge``, ``straight_through``, ``rotate_to``, ``strict``, ``Bridge`` and ``BridgeFunction``.
 
-``gradbridge_ext`` re-exports them. With the native operator, ``bridge`` and
-``straight_through`` are its C entry points (csrc/python.cpp), which handle the
+``gradbridge_ext`` re-exports them. With the native operator, ``bridge``,
+``straight_through`` and ``rotate_to`` are its C entry points (csrc/python.cpp), which handle the
 plain calls and hand every other to the Python entry points below; without it
 the Python entry points are the public functions, over the fallback's kernels.
 docs/design.md draws the modules and which imports which.
@@ -25,7 +25,7 @@ if NATIVE:
 else:
     from . import _fallback
 
-__all__ = ["NATIVE", "Bridge", "BridgeFunction", "Kernels", "bridge", "entry_points", "straight_through", "strict"]
+__all__ = ["NATIVE", "Bridge", "BridgeFunction", "Kernels", "bridge", "entry_points", "rotate_to", "straight_through", "strict"]
 
 _NO_SCALE = 0.0
 
@@ -35,21 +35,23 @@ class Kernels(NamedTuple):
 
     bridge: Callable[[Tensor, float | Tensor, bool | None], Tensor]
     straight_through: Callable[[Tensor, Tensor, float | Tensor], Tensor]
+    rotate_to: Callable[[Tensor, Tensor], Tensor]
     set_strict: Callable[[bool], bool]
 
 
 class EntryPoints(NamedTuple):
     bridge: Callable[..., Tensor]
     straight_through: Callable[..., Tensor]
+    rotate_to: Callable[..., Tensor]
     strict: Callable[..., contextlib.AbstractContextManager[None]]
 
 
-def entry_points(kernels: Kernels, public: tuple[Callable, Callable] | None = None) -> EntryPoints:
+def entry_points(kernels: Kernels, public: tuple[Callable, Callable, Callable] | None = None) -> EntryPoints:
     """The Python entry points over ``kernels``: the one way to choose an implementation.
 
     The package builds its own with it; the tests and the benchmark build the
     fallback's beside the native ones with ``entry_points(Kernels(_fallback.bridge,
-    _fallback.straight_through, _fallback.set_strict))``. ``public`` names what a
+    _fallback.straight_through, _fallback.rotate_to, _fallback.set_strict))``. ``public`` names what a
     ``__torch_function__`` override is handed (the C entry points where they are
     the public functions; by default the functions made here).
     """
@@ -78,6 +80,13 @@ def entry_points(kernels: Kernels, public: tuple[Callable, Callable] | None = No
             grad_scale = _rules.as_float(grad_scale, "straight_through")
         return kernels.straight_through(x, q, grad_scale)
 
+    def rotate_to(x: Tensor, q: Tensor, /) -> Tensor:
+        if has_torch_function((x, q)):
+            return handle_torch_function(public_rotate_to, (x, q), x, q)
+        _rules.check_tensor("rotate_to", "x", x)
+        _rules.check_tensor("rotate_to", "q", q)
+        return kernels.rotate_to(x, q)
+
     @contextlib.contextmanager
     def strict(enabled: bool = True) -> Iterator[None]:
         previous = kernels.set_strict(enabled)
@@ -86,32 +95,42 @@ def entry_points(kernels: Kernels, public: tuple[Callable, Callable] | None = No
         finally:
             kernels.set_strict(previous)
 
-    public_bridge, public_straight_through = public or (bridge, straight_through)
-    for function in (bridge, straight_through, strict):  # Python's own argument errors name the function called
+    public_bridge, public_straight_through, public_rotate_to = public or (bridge, straight_through, rotate_to)
+    for function in (bridge, straight_through, rotate_to, strict):  # Python's own argument errors name the function called
         function.__qualname__ = function.__name__
     bridge.__doc__ = _docstrings.BRIDGE.split("--\n\n", 1)[1]
     straight_through.__doc__ = _docstrings.STRAIGHT_THROUGH.split("--\n\n", 1)[1]
+    rotate_to.__doc__ = _docstrings.ROTATE_TO.split("--\n\n", 1)[1]
     strict.__doc__ = _docstrings.STRICT
-    return EntryPoints(bridge, straight_through, strict)
+    return EntryPoints(bridge, straight_through, rotate_to, strict)
 
 
 if NATIVE:
     # NB: the public names are the C entry points themselves (csrc/python.cpp),
-    # which handle bridge(t) and straight_through(x, q) and hand every other call
-    # to the Python entry points: even a Python wrapper costs more than the alias.
-    _python = entry_points(Kernels(_C._bridge_parsed, _C._straight_through_parsed, _C._set_strict), (_C.bridge, _C.straight_through))
+    # which handle bridge(t), straight_through(x, q) and rotate_to(x, q) and hand every
+    # other call to the Python entry points: even a Python wrapper costs more than the alias.
+    _python = entry_points(
+        Kernels(_C._bridge_parsed, _C._straight_through_parsed, _C._rotate_to_parsed, _C._set_strict),
+        (_C.bridge, _C.straight_through, _C.rotate_to),
+    )
     _C._bridge_with_options, _C._straight_through_with_options = _python.bridge, _python.straight_through
-    bridge, straight_through, strict = _C.bridge, _C.straight_through, _python.strict
-    for _function, _doc in ((bridge, _docstrings.BRIDGE), (straight_through, _docstrings.STRAIGHT_THROUGH)):
+    _C._rotate_to_in_python = _python.rotate_to
+    bridge, straight_through, rotate_to, strict = _C.bridge, _C.straight_through, _C.rotate_to, _python.strict
+    for _function, _doc in (
+        (bridge, _docstrings.BRIDGE), (straight_through, _docstrings.STRAIGHT_THROUGH), (rotate_to, _docstrings.ROTATE_TO)
+    ):
         if _function.__doc__ is None:
             torch._C._add_docstr(_function, _doc)
 else:
-    bridge, straight_through, strict = entry_points(Kernels(_fallback.bridge, _fallback.straight_through, _fallback.set_strict))
+    bridge, straight_through, rotate_to, strict = entry_points(
+        Kernels(_fallback.bridge, _fallback.straight_through, _fallback.rotate_to, _fallback.set_strict)
+    )
 
 if TYPE_CHECKING:
 
     def bridge(t: Tensor, /, grad_scale: float | Tensor = 0.0, *, attach: bool | None = None) -> Tensor: ...
     def straight_through(x: Tensor, q: Tensor, /, grad_scale: float | Tensor = 1.0) -> Tensor: ...
+    def rotate_to(x: Tensor, q: Tensor, /) -> Tensor: ...
     def strict(enabled: bool = True) -> contextlib.AbstractContextManager[None]: ...
 
 
@@ -142,7 +161,7 @@ class BridgeFunction(torch.autograd.Function):
 
     # NB: forward takes ctx and there is no setup_context. With setup_context,
     # Function.apply binds its arguments through inspect.signature on every
-    # call, most of its cost; torch.func transforms are what would need it.
+    # call, a large part of its cost; torch.func transforms are what would need it.
     @staticmethod
     def forward(ctx: Any, t: Tensor) -> Tensor:
         output = bridge(t)

@@ -83,7 +83,7 @@ def implementation(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPat
             pytest.skip("a case that names torch.ops calls the operator, which only the native build registers")
         from gradbridge_ext import _fallback, ops
 
-        fallback = ops.entry_points(ops.Kernels(_fallback.bridge, _fallback.straight_through, _fallback.set_strict))
+        fallback = ops.entry_points(ops.Kernels(_fallback.bridge, _fallback.straight_through, _fallback.rotate_to, _fallback.set_strict))
         monkeypatch.setattr(ops, "NATIVE", False)
         for module in (gradbridge_ext, ops, request.module, sys.modules.get("helpers")):
             for name, function in fallback._asdict().items():

@@ -353,7 +353,7 @@ def test_a_torch_without_register_sharding_warns_and_imports(monkeypatch: pytest
     import torch.distributed.tensor  # noqa: F401 (so that the copy registers at once)
 
     monkeypatch.setitem(sys.modules, "torch.distributed.tensor.experimental", None)  # import fails
-    with pytest.warns(RuntimeWarning, match="bridge of a DTensor will fail.*register_sharding"):
+    with pytest.warns(RuntimeWarning, match="bridge, straight_through and rotate_to of a DTensor will fail.*register_sharding"):
         copy = fresh_copy("gradbridge_ext_dtensor_copy")
     assert not copy.registered
     assert "torch >= 2.5" in copy.skipped, copy.skipped

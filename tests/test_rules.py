@@ -25,7 +25,7 @@ pytestmark = pytest.mark.skipif(not gradbridge_ext.NATIVE, reason="compares the 
 def _fallback() -> ops.EntryPoints:
     from gradbridge_ext import _fallback  # the tests may import it; the package's native path never does
 
-    return ops.entry_points(ops.Kernels(_fallback.bridge, _fallback.straight_through, _fallback.set_strict))
+    return ops.entry_points(ops.Kernels(_fallback.bridge, _fallback.straight_through, _fallback.rotate_to, _fallback.set_strict))
 
 
 def _needs_grad() -> torch.Tensor:
@@ -40,10 +40,10 @@ def _with_tangent(call: Callable[[torch.Tensor], Any]) -> Callable[[Any], Any]:
     return run
 
 
-def _inference_q(api: Any) -> Any:
+def _inference_q(api: Any, op: str = "straight_through") -> Any:
     with torch.inference_mode():
         q = torch.ones(3)
-    return api.straight_through(torch.ones(3, requires_grad=True), q)
+    return getattr(api, op)(torch.ones(3, requires_grad=True), q)
 
 
 NUMBERS = torch.ones(2, 3)
@@ -78,10 +78,20 @@ CASES: dict[str, Callable[[Any], Any]] = {
     ),
     "straight_through: forward-mode AD": _with_tangent(lambda api, x: api.straight_through(x, x.detach().round())),
     "straight_through: an inference q while x requires grad": _inference_q,
+    "rotate_to: x is not a tensor": lambda api: api.rotate_to([1.0], NUMBERS),
+    "rotate_to: q is not a tensor": lambda api: api.rotate_to(NUMBERS, None),
+    "rotate_to: shapes differ": lambda api: api.rotate_to(torch.ones(3), torch.ones(2, 3)),
+    "rotate_to: devices differ": lambda api: api.rotate_to(torch.ones(3), torch.ones(3, device="meta")),
+    "rotate_to: q is an int tensor": lambda api: api.rotate_to(torch.ones(3), torch.ones(3, dtype=torch.long)),
+    "rotate_to: both complex": lambda api: api.rotate_to(torch.ones(3, dtype=torch.cfloat), torch.ones(3, dtype=torch.cfloat)),
+    "rotate_to: 0-dim": lambda api: api.rotate_to(torch.tensor(1.0), torch.tensor(2.0)),
+    "rotate_to: forward-mode AD": _with_tangent(lambda api, x: api.rotate_to(x, x.detach().round())),
+    "rotate_to: an inference q while x requires grad": lambda api: _inference_q(api, "rotate_to"),
 }
 for _kind, _tensor in unsupported_tensors().items():
     CASES[f"bridge: t is {_kind}"] = lambda api, t=_tensor: api.bridge(t, -1.0)
     CASES[f"straight_through: q is {_kind}"] = lambda api, q=_tensor: api.straight_through(torch.ones(4, 4), q)
+    CASES[f"rotate_to: q is {_kind}"] = lambda api, q=_tensor: api.rotate_to(torch.ones(4, 4), q)
 
 
 def _raised(call: Callable[[], Any]) -> tuple[type, str]:
@@ -95,7 +105,7 @@ def test_both_implementations_raise_the_same_error(case: str) -> None:
     native = _raised(lambda: CASES[case](gradbridge_ext))
     fallback = _raised(lambda: CASES[case](_fallback()))
     assert fallback == native
-    assert native[1].startswith(("gradbridge::", "bridge()", "straight_through()")), native  # ours, named, not torch's
+    assert native[1].startswith(("gradbridge::", "bridge()", "straight_through()", "rotate_to()")), native  # ours, named, not torch's
 
 
 def test_a_changed_message_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
