@@ -34,7 +34,7 @@ setup_args = dict(
 )
 
 # pip asks for the metadata in a process of its own (dist_info, egg_info), which
-# needs no torch; importing torch there would add seconds to every build.
+# needs no torch; importing torch there would slow every build.
 METADATA_ONLY = len(sys.argv) > 1 and sys.argv[1] in ("dist_info", "egg_info")
 
 if not METADATA_ONLY:

@@ -4,7 +4,7 @@
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/utils/object_ptr.h>
-#include <torch/csrc/utils/pybind.h>  // not torch/extension.h: the C++ frontend (nn, optim) it brings doubles the compile time
+#include <torch/csrc/utils/pybind.h>  // not torch/extension.h: the C++ frontend (nn, optim) it brings lengthens the compile (docs/install.md)
 
 #include "bridge.h"
 

@@ -11,7 +11,7 @@ native operator itself goes into the graph, so that ``ep.module()`` keeps its
 backward. The stand-ins check their arguments with _rules.py, as the operator
 does; a number that changes between calls reaches them as a symbol, so its value
 is checked only as far as tracing can. Registered when torch._dynamo is
-imported, which is seconds that a program that never compiles should not pay.
+imported: its import is slow, and a program that never compiles should not pay for it.
 """
 
 from __future__ import annotations

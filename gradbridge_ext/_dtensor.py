@@ -20,7 +20,7 @@ backward works on whole rows, with no collective.
 
 The rules are registered with ``torch.distributed.tensor.experimental.register_sharding``
 (public, experimental, torch >= 2.5). Importing ``torch.distributed.tensor`` costs
-a quarter of a second to seconds, more than ``import gradbridge_ext`` may add over
+more than ``import gradbridge_ext`` may add over
 ``import torch``, and only a program that makes DTensors needs the rule; so the
 rule is registered when ``torch.distributed.tensor`` is imported: at once if it
 already is, or else right after it finishes loading (``_import_hooks``). Nothing here raises on a torch that cannot register

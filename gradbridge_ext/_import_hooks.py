@@ -1,7 +1,7 @@
 """Run a function once a module is imported: at once if it already is, else right after it loads.
 
 What only torch.compile or DTensor needs (torch._dynamo, torch.distributed.tensor)
-costs seconds to import, more than ``import gradbridge_ext`` may add to
+is slow to import, more than ``import gradbridge_ext`` may add to
 ``import torch``; so bridge's rules for them are registered when those modules
 are imported, by a finder on ``sys.meta_path`` that wraps the module's loader
 (a post-import hook written with importlib's public API). It watches only the

@@ -41,5 +41,5 @@ def _register() -> None:
         register(name, _identity_of(index), _OPSET)
 
 
-# torch.onnx costs a second to import; register once someone imports it.
+# torch.onnx is slow to import; register once someone imports it.
 when_imported("torch.onnx", _register)
