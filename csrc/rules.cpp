@@ -152,20 +152,24 @@ void check_dense(const at::Tensor& t) {
 // describe the same elements: the same shape (the trick's broadcast result
 // would be no alias of q), the same device, and both real floating or both
 // complex (the gradient reaches x in x's dtype, cast by autograd's engine).
-void check_straight_through(const at::Tensor& x, const at::Tensor& q) {
-  TORCH_CHECK_TYPE(
-      x.defined() && q.defined(),
-      "gradbridge::straight_through(x, q): expected two tensors, got None (an undefined tensor)");
-  check_strided("gradbridge::straight_through(x, q)", "x", x, "Use x + (q - x).detach() for it.");
-  check_strided("gradbridge::straight_through(x, q)", "q", q, "Use x + (q - x).detach() for it.");
+// What an alias of q with x's gradient needs, for `call` ("gradbridge::op(x, q)"):
+// two defined dense tensors that describe the same elements (the same shape,
+// the same device).
+static void check_same_elements(const char* call, const at::Tensor& x, const at::Tensor& q, const char* instead) {
+  TORCH_CHECK_TYPE(x.defined() && q.defined(), call, ": expected two tensors, got None (an undefined tensor)");
+  check_strided(call, "x", x, instead);
+  check_strided(call, "q", q, instead);
   TORCH_CHECK_VALUE(
       x.sizes() == q.sizes(),
-      "gradbridge::straight_through(x, q): x and q must have the same shape (no broadcasting: the "
-      "result is an alias of q), got ", shape_string(x.sizes()), " and ", shape_string(q.sizes()));
+      call, ": x and q must have the same shape (no broadcasting: the result is an alias of q), got ",
+      shape_string(x.sizes()), " and ", shape_string(q.sizes()));
   TORCH_CHECK_VALUE(
       x.device() == q.device(),
-      "gradbridge::straight_through(x, q): x and q must be on the same device, got ",
-      x.device().str(), " and ", q.device().str());
+      call, ": x and q must be on the same device, got ", x.device().str(), " and ", q.device().str());
+}
+
+void check_straight_through(const at::Tensor& x, const at::Tensor& q) {
+  check_same_elements("gradbridge::straight_through(x, q)", x, q, "Use x + (q - x).detach() for it.");
   const bool real = at::isFloatingType(x.scalar_type()) && at::isFloatingType(q.scalar_type());
   const bool complex = at::isComplexType(x.scalar_type()) && at::isComplexType(q.scalar_type());
   TORCH_CHECK_TYPE(
@@ -195,19 +199,7 @@ void check_straight_through(const at::Tensor& x, const at::Tensor& q, const at::
 // rows is another operator). Their dtypes may differ: the backward computes in
 // the wider of them and float32, and the gradient reaches x in x's dtype.
 void check_rotate_to(const at::Tensor& x, const at::Tensor& q) {
-  TORCH_CHECK_TYPE(
-      x.defined() && q.defined(),
-      "gradbridge::rotate_to(x, q): expected two tensors, got None (an undefined tensor)");
-  check_strided("gradbridge::rotate_to(x, q)", "x", x, "Pass dense tensors.");
-  check_strided("gradbridge::rotate_to(x, q)", "q", q, "Pass dense tensors.");
-  TORCH_CHECK_VALUE(
-      x.sizes() == q.sizes(),
-      "gradbridge::rotate_to(x, q): x and q must have the same shape (no broadcasting: the result is an "
-      "alias of q), got ", shape_string(x.sizes()), " and ", shape_string(q.sizes()));
-  TORCH_CHECK_VALUE(
-      x.device() == q.device(),
-      "gradbridge::rotate_to(x, q): x and q must be on the same device, got ",
-      x.device().str(), " and ", q.device().str());
+  check_same_elements("gradbridge::rotate_to(x, q)", x, q, "Pass dense tensors.");
   TORCH_CHECK_TYPE(
       at::isFloatingType(x.scalar_type()) && at::isFloatingType(q.scalar_type()),
       "gradbridge::rotate_to(x, q): x and q must both be real floating (a rotation of complex rows is not "

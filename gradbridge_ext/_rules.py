@@ -145,17 +145,22 @@ def check_bridge(t: Tensor, grad_scale: float | Tensor, attach: bool | None) -> 
     return bridge_attaches(grad_scale, attach)
 
 
-def check_straight_through(x: Tensor, q: Tensor, grad_scale: float | Tensor) -> None:
-    """straight_through's rules (csrc/rules.cpp, NOTE [straight_through's rules])."""
+def _check_same_elements(call: str, x: Tensor, q: Tensor, instead: str) -> None:
+    """What an alias of q with x's gradient needs: dense tensors describing the same elements (shape, device)."""
     for name, t in (("x", x), ("q", q)):
-        check_strided("gradbridge::straight_through(x, q)", name, t, "Use x + (q - x).detach() for it.")
+        check_strided(call, name, t, instead)
     if x.shape != q.shape:
         raise ValueError(
-            "gradbridge::straight_through(x, q): x and q must have the same shape (no broadcasting: the "
-            f"result is an alias of q), got {list(x.shape)} and {list(q.shape)}"
+            f"{call}: x and q must have the same shape (no broadcasting: the result is an alias of q), "
+            f"got {list(x.shape)} and {list(q.shape)}"
         )
     if x.device != q.device:
-        raise ValueError(f"gradbridge::straight_through(x, q): x and q must be on the same device, got {x.device} and {q.device}")
+        raise ValueError(f"{call}: x and q must be on the same device, got {x.device} and {q.device}")
+
+
+def check_straight_through(x: Tensor, q: Tensor, grad_scale: float | Tensor) -> None:
+    """straight_through's rules (csrc/rules.cpp, NOTE [straight_through's rules])."""
+    _check_same_elements("gradbridge::straight_through(x, q)", x, q, "Use x + (q - x).detach() for it.")
     if not (x.is_floating_point() and q.is_floating_point() or x.is_complex() and q.is_complex()):
         raise TypeError(
             "gradbridge::straight_through(x, q): x and q must both be floating (or both complex), got "
@@ -169,15 +174,7 @@ def check_straight_through(x: Tensor, q: Tensor, grad_scale: float | Tensor) -> 
 
 def check_rotate_to(x: Tensor, q: Tensor) -> None:
     """rotate_to's rules (csrc/rules.cpp, NOTE [rotate_to's rules])."""
-    for name, t in (("x", x), ("q", q)):
-        check_strided("gradbridge::rotate_to(x, q)", name, t, "Pass dense tensors.")
-    if x.shape != q.shape:
-        raise ValueError(
-            "gradbridge::rotate_to(x, q): x and q must have the same shape (no broadcasting: the result is an "
-            f"alias of q), got {list(x.shape)} and {list(q.shape)}"
-        )
-    if x.device != q.device:
-        raise ValueError(f"gradbridge::rotate_to(x, q): x and q must be on the same device, got {x.device} and {q.device}")
+    _check_same_elements("gradbridge::rotate_to(x, q)", x, q, "Pass dense tensors.")
     if not (x.is_floating_point() and q.is_floating_point()):
         raise TypeError(
             "gradbridge::rotate_to(x, q): x and q must both be real floating (a rotation of complex rows is not "
